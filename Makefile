@@ -1,0 +1,55 @@
+# leverlm — run `make help` for the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Pinned so pip never picks another torch; override for your own CUDA build, e.g.
+#   make install TORCH_PINS="torch==2.11.0 torchvision==0.26.0"
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.install.stamp
+RUNS ?= runs
+DEMO_DIR ?= $(RUNS)/demo
+# Offline by default: nothing waits on a network that is not there.
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+# Extra arguments for the pipeline targets, e.g. make train ARGS="--trainer.max_epochs 5"
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install test lint format demo gt-data train eval report bench clean
+
+help: ## show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PINS)
+	$(PIP) install -q -e '.[dev,flamingo]' $(TORCH_PINS)
+	$(PIP) install -q --no-deps 'open-flamingo==2.0.1' || echo "note: open-flamingo extra not installed (see README)"
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install leverlm (idempotent)
+
+test: install ## run the test suite
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install ## ruff check + format check
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: install ## apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests
+
+demo: install ## the whole pipeline on the embedded easy-vqa set (CPU, minutes)
+	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) $(ARGS)
+
+bench: install ## benchmarks: fast paths vs reference paths, ratios in one run
+	$(VENV)/bin/leverlm bench $(ARGS)
+
+clean: ## remove run outputs (keeps .venv)
+	rm -rf $(RUNS) .pytest_cache .ruff_cache
