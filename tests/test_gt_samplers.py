@@ -1,0 +1,120 @@
+"""Anchors and candidate samplers: seeded, anchor-independent, never the anchor itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from leverlm.gt.samplers import (
+    MixSampler,
+    RandomSampler,
+    SamplerError,
+    SimilaritySampler,
+    build_sampler,
+    select_anchors,
+    split_counts,
+    topk_cosine_reference,
+)
+
+
+def test_select_anchors_seeded_sorted_and_distinct():
+    a = select_anchors(100, 10, seed=0)
+    assert a == sorted(set(a)) and len(a) == 10 and all(0 <= p < 100 for p in a)
+    assert select_anchors(100, 10, seed=0) == a
+    assert select_anchors(100, 10, seed=1) != a
+    assert select_anchors(7, None, seed=3) == list(range(7))
+    assert select_anchors(7, -1, seed=3) == list(range(7))
+
+
+@pytest.mark.parametrize("n", [0, 11, -2])
+def test_select_anchors_refuses_bad_counts(n):
+    with pytest.raises(SamplerError, match="num_anchors|empty"):
+        select_anchors(10 if n else 0, n or 1, seed=0)
+
+
+def test_random_sampler_excludes_anchor_and_is_per_anchor():
+    s = RandomSampler(30, 29, seed=5)
+    for a in range(30):
+        c = s.sample([a])[0]
+        assert a not in c and len(set(c)) == 29 and set(c) == set(range(30)) - {a}
+    small = RandomSampler(50, 8, seed=5)
+    batch = small.sample([3, 17, 40])
+    # Same anchor -> same set, whatever else is in the batch.
+    assert small.sample([17]) == [batch[1]]
+    assert RandomSampler(50, 8, seed=6).sample([17]) != [batch[1]]
+    with pytest.raises(SamplerError, match="num_candidates=30"):
+        RandomSampler(30, 30, seed=0)
+
+
+def _features(n: int = 40, d: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float16)
+
+
+def test_similarity_matches_reference_and_is_batch_invariant(tmp_path):
+    feats = _features()
+    path = tmp_path / "image.npy"
+    np.save(path, feats)
+    # Small blocks/chunks so padding, several chunks and several query blocks are exercised.
+    s = SimilaritySampler(path, k=6, num_samples=40, chunk_rows=7, query_block=3)
+    anchors = [0, 5, 9, 13, 21, 39, 38]
+    got = s.sample(anchors)
+    assert got == topk_cosine_reference(feats, anchors, 6)
+    for a, c in zip(anchors, got):
+        assert a not in c
+        assert s.sample([a]) == [c]
+
+
+def test_similarity_ties_go_to_lower_position():
+    feats = np.zeros((10, 4), np.float32)
+    feats[:, 0] = 1.0  # every row identical: all similarities tie
+    s = SimilaritySampler(feats, k=3, chunk_rows=4, query_block=2)
+    assert s.sample([0, 2]) == [[1, 2, 3], [0, 1, 3]]
+    assert topk_cosine_reference(feats, [0, 2], 3) == [[1, 2, 3], [0, 1, 3]]
+
+
+def test_similarity_refuses_misaligned_features(tmp_path):
+    path = tmp_path / "text.npy"
+    np.save(path, _features(12))
+    with pytest.raises(SamplerError, match="12 rows"):
+        SimilaritySampler(path, k=3, num_samples=40)
+    with pytest.raises(SamplerError, match="does not exist"):
+        SimilaritySampler(tmp_path / "nope.npy", k=3)
+
+
+def test_split_counts():
+    assert split_counts(64, {"random": 0.5, "image_sim": 0.25, "text_sim": 0.25}) == {
+        "random": 32,
+        "image_sim": 16,
+        "text_sim": 16,
+    }
+    c = split_counts(7, {"random": 1, "image_sim": 1, "text_sim": 1})
+    assert sum(c.values()) == 7 and max(c.values()) - min(c.values()) <= 1
+    with pytest.raises(SamplerError, match="bogus"):
+        split_counts(4, {"bogus": 1.0})
+
+
+def test_mix_deduplicates_and_tops_up(tmp_path):
+    feats = _features(40)
+    np.save(tmp_path / "image.npy", feats)
+    np.save(tmp_path / "text.npy", feats)  # same features: image and text picks coincide
+    s = build_sampler(
+        "mix",
+        40,
+        12,
+        seed=1,
+        image_features=str(tmp_path / "image.npy"),
+        text_features=str(tmp_path / "text.npy"),
+    )
+    assert isinstance(s, MixSampler)
+    for a, c in zip([0, 7, 33], s.sample([0, 7, 33])):
+        assert len(c) == 12 and len(set(c)) == 12 and a not in c
+        # The image share (3 nearest) is in the set.
+        assert set(topk_cosine_reference(feats, [a], 3)[0]) <= set(c)
+    assert s.sample([7]) == s.sample([0, 7])[1:]
+
+
+def test_build_sampler_errors_name_the_setting():
+    with pytest.raises(SamplerError, match="image_features"):
+        build_sampler("image_sim", 10, 3, 0)
+    with pytest.raises(SamplerError, match="unknown sampler 'nearest'"):
+        build_sampler("nearest", 10, 3, 0)
