@@ -317,8 +317,21 @@ class IdeficsLVLM(LVLM):
         queries: Sequence[Sample],
         **generation_kwargs: Any,
     ) -> list[str]:
-        """Left-padded batched ``model.generate`` with the task's settings, post-processed."""
+        """Batched generation with the task's settings, decoded and post-processed."""
+        ids = self.generate_ids(icd_seqs, queries, **generation_kwargs)
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [self.task.postprocess(t) for t in texts]
+
+    def generate_ids(
+        self,
+        icd_seqs: Sequence[Sequence[Sample]],
+        queries: Sequence[Sample],
+        **generation_kwargs: Any,
+    ) -> list[list[int]]:
+        """New token ids per query (up to, not including, EOS) from left-padded ``generate``."""
         kw = self.generation_kwargs(**generation_kwargs)
+        if int(kw.get("num_beams", 1)) == 1:
+            kw.pop("length_penalty", None)  # only meaningful for beam search
         encs = self.encode_pairs(
             icd_seqs, queries, with_answer=False, extra_tokens=int(kw["max_new_tokens"])
         )
@@ -355,8 +368,12 @@ class IdeficsLVLM(LVLM):
                 do_sample=False,
                 **kw,
             )
-        texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-        return [self.task.postprocess(t) for t in texts]
+        result = []
+        for row in out[:, ids.shape[1] :].tolist():
+            if self.tok.eos_id in row:
+                row = row[: row.index(self.tok.eos_id)]
+            result.append(row)
+        return result
 
 
 def load(

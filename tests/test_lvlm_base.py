@@ -1,0 +1,148 @@
+"""Pure helpers of the LVLM protocol: padding, masks, answer log-probs, caches, registry."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from leverlm.lvlm import LVLMError, known_model_types, load_lvlm, register_lvlm
+from leverlm.lvlm.base import (
+    FeatureCache,
+    PromptImage,
+    ScoreResult,
+    _merge_text,
+    answer_token_logprobs,
+    expand_kv_cache,
+    full_logits_token_logprobs,
+    pad_left,
+    pad_right,
+    resolve_dtype,
+    span_mask,
+)
+
+
+def _loop_pad(seqs, pad, left):
+    width = max(len(s) for s in seqs)
+    ids, mask = [], []
+    for s in seqs:
+        fill = [pad] * (width - len(s))
+        ids.append(fill + list(s) if left else list(s) + fill)
+        m = [0] * (width - len(s))
+        mask.append(m + [1] * len(s) if left else [1] * len(s) + m)
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_padding_matches_loop_reference(left):
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, 50, (int(n),), generator=g).tolist() for n in [3, 7, 1, 7, 5]]
+    ids, mask = (pad_left if left else pad_right)(seqs, 0)
+    ref_ids, ref_mask = _loop_pad(seqs, 0, left)
+    assert torch.equal(ids, ref_ids) and torch.equal(mask, ref_mask)
+
+
+def test_span_mask_matches_loop():
+    starts, ends = torch.tensor([0, 2, 5, 3]), torch.tensor([3, 6, 5, 8])
+    got = span_mask(starts, ends, 8)
+    ref = torch.tensor([[s <= t < e for t in range(8)] for s, e in zip(starts, ends)])
+    assert torch.equal(got, ref)
+
+
+def test_score_result_ignores_padding():
+    lp = torch.tensor([[0.0, -1.0, -3.0, float("-inf")], [0.0, 0.0, -2.0, -4.0]])
+    mask = torch.tensor([[False, True, True, False], [False, False, True, True]])
+    r = ScoreResult.from_token_logprobs(lp, mask)
+    assert torch.allclose(r.sum_logprob, torch.tensor([-4.0, -6.0]))
+    assert torch.allclose(r.mean_logprob, torch.tensor([-2.0, -3.0]))
+    assert torch.equal(r.num_tokens, torch.tensor([2, 2]))
+    assert torch.allclose(r.prob, torch.exp(torch.tensor([-2.0, -3.0])))
+    both = ScoreResult.cat([r, r])
+    assert len(both) == 4 and torch.equal(both.num_tokens, torch.tensor([2, 2, 2, 2]))
+    assert len(ScoreResult.cat([])) == 0
+
+
+def test_answer_logprobs_equal_full_vocab_reference():
+    g = torch.Generator().manual_seed(1)
+    b, t, h, v = 3, 9, 16, 40
+    hidden = torch.randn(b, t, h, generator=g)
+    head = torch.nn.Linear(h, v, bias=False)
+    ids = torch.randint(0, v, (b, t), generator=g)
+    mask = span_mask(torch.tensor([4, 6, 1]), torch.tensor([9, 7, 5]), t)
+    fast = answer_token_logprobs(hidden, ids, mask, head)
+    for i in range(b):  # reference: full logits for the whole sequence, one row at a time
+        ref = full_logits_token_logprobs(head(hidden[i]), ids[i])
+        assert torch.allclose(fast[i][mask[i]], ref[mask[i]], atol=1e-6)
+        assert (fast[i][~mask[i]] == 0).all()
+    with pytest.raises(LVLMError, match="position 0"):
+        answer_token_logprobs(hidden, ids, span_mask(torch.tensor([0]), torch.tensor([2]), t), head)
+
+
+def test_feature_cache_lru_and_dedup():
+    imgs = [PromptImage(f"k{i}", Image.new("RGB", (4, 4), (i, 0, 0))) for i in range(4)]
+    computed = []
+
+    def compute(batch):
+        computed.append([im.key for im in batch])
+        return [torch.full((2,), float(int(im.key[1:]))) for im in batch]
+
+    cache = FeatureCache(capacity=2)
+    out = cache.get([imgs[0], imgs[1], imgs[0]], compute)
+    assert computed == [["k0", "k1"]] and [float(o[0]) for o in out] == [0.0, 1.0, 0.0]
+    cache.get([imgs[0]], compute)  # hit: k0 becomes most recent
+    cache.get([imgs[2]], compute)  # evicts k1 (least recent)
+    assert computed[-1] == ["k2"] and len(cache) == 2
+    cache.get([imgs[1], imgs[0]], compute)
+    assert computed[-1] == ["k1"]
+    assert cache.hits == 2 and cache.misses == 4
+    cache.get([imgs[0], imgs[1]], compute)  # both kept: k2 was the least recent
+    assert computed[-1] == ["k1"] and cache.hits == 4
+    off = FeatureCache(capacity=0)
+    off.get([imgs[3]], compute)
+    off.get([imgs[3]], compute)
+    assert computed[-2:] == [["k3"], ["k3"]] and len(off) == 0
+
+
+def test_image_identity_uses_pixels_not_only_key():
+    a = PromptImage("same", Image.new("RGB", (4, 4), (1, 2, 3)))
+    b = PromptImage("same", Image.new("RGB", (4, 4), (1, 2, 4)))
+    c = PromptImage("same", Image.new("RGB", (4, 4), (1, 2, 3)))
+    assert a.ident != b.ident and a.ident == c.ident
+
+
+def test_merge_text_joins_adjacent_text():
+    img = PromptImage("k", Image.new("RGB", (2, 2)))
+    assert _merge_text(["a", "", "b", img, "c", "\n", img, "d"]) == ["ab", img, "c\n", img, "d"]
+
+
+def test_expand_kv_cache_is_fresh_per_call():
+    kv = [(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)) for _ in range(2)]
+    first, second = expand_kv_cache(kv, 5), expand_kv_cache(kv, 5)
+    first.update(torch.zeros(5, 2, 1, 4), torch.zeros(5, 2, 1, 4), 0)
+    assert first.get_seq_length(0) == 4 and second.get_seq_length(0) == 3
+    assert torch.equal(second.layers[1].keys[4], kv[1][0][0])
+
+
+def test_registry_and_errors(tmp_path):
+    types = known_model_types()
+    assert {"idefics", "idefics2", "idefics3", "qwen2_vl", "qwen2_5_vl", "flamingo"} <= set(types)
+    with pytest.raises(LVLMError, match="unknown model_type 'gpt5'.*flamingo, idefics"):
+        load_lvlm("gpt5", tmp_path, "vqa")
+    with pytest.raises(LVLMError, match="module:function"):
+        register_lvlm("x", "no_colon")
+    register_lvlm("test_fake", "leverlm.tasks:get_task")
+    assert "test_fake" in known_model_types()
+    with pytest.raises(LVLMError, match="has no weights"):
+        load_lvlm("test_fake", tmp_path, "vqa")
+    assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype("fp32") is torch.float32
+    with pytest.raises(LVLMError, match="unknown dtype 'fp8'"):
+        resolve_dtype("fp8")
+
+
+def test_import_is_light():
+    code = "import sys, leverlm, leverlm.lvlm; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
