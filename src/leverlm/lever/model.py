@@ -1,0 +1,371 @@
+"""The Lever-LM network: a tiny causal LM over supporting-set positions.
+
+Vocabulary: token id ``p`` in ``0..N-1`` is the ICD at supporting-set position ``p``; the
+special tokens come after them: ``EOS = N``, ``BOS = N + 1``, ``QUERY = N + 2``
+(``vocab_size = N + 3``). A training sequence is ``BOS, QUERY, ICD_1 .. ICD_n, EOS``; the
+model predicts ``ICD_1 .. ICD_n, EOS`` (nothing is predicted for ``BOS -> QUERY``).
+
+Features: the QUERY token's embedding gets the query's CLIP image and/or text feature added,
+each ICD token gets its ICD's features added (``query_features`` / ``icd_features``; empty =
+token indices only). Features pass through an optional L2 normalisation and then a
+per-modality adapter (MLP, or a linear projection / identity).
+
+Style follows nanoGPT: a dataclass config, shape comments,
+``forward(tokens, ..., targets) -> (logits, loss)``, and ``generate``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MODALITIES: tuple[str, ...] = ("image", "text")
+BACKBONES: tuple[str, ...] = ("gpt2", "lstm")
+IGNORE_INDEX = -100
+
+# A decoding state: a transformers Cache for gpt2, an (h, c) pair for lstm.
+State = Any
+Features = dict[str, Tensor]
+
+
+@dataclass
+class LeverLMConfig:
+    """Everything needed to rebuild a :class:`LeverLMModel` (stored in checkpoints)."""
+
+    num_icds: int  # supporting-set size N: token ids 0..N-1 are ICD positions
+    backbone: str = "gpt2"  # gpt2 | lstm
+    n_layer: int = 2
+    n_embd: int = 512
+    n_head: int = 8
+    n_positions: int = 64  # longest sequence the gpt2 backbone can read: shots + 2
+    dropout: float = 0.1
+    feature_dim: int = 512  # CLIP embedding size
+    query_features: tuple[str, ...] = ("image",)
+    icd_features: tuple[str, ...] = ("image", "text")
+    adapter: bool = True  # MLP adapter; False: linear projection (identity if dims match)
+    normalize: bool = False  # L2-normalise features before the adapter
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, not used by the net
+
+    def __post_init__(self) -> None:
+        self.query_features = tuple(self.query_features)
+        self.icd_features = tuple(self.icd_features)
+        if self.num_icds < 1:
+            raise ValueError(f"LeverLMConfig.num_icds must be >= 1, got {self.num_icds}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(
+                f"LeverLMConfig.backbone must be one of {BACKBONES}, got {self.backbone!r}"
+            )
+        for name in ("query_features", "icd_features"):
+            values = getattr(self, name)
+            bad = [v for v in values if v not in MODALITIES]
+            if bad or len(set(values)) != len(values):
+                raise ValueError(
+                    f"LeverLMConfig.{name} must be distinct values from {MODALITIES}, got {list(values)}"
+                )
+        if self.backbone == "gpt2" and self.n_embd % self.n_head:
+            raise ValueError(
+                f"LeverLMConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if self.n_positions < 3:
+            raise ValueError(f"LeverLMConfig.n_positions must be >= 3, got {self.n_positions}")
+
+    # special tokens, after the N ICD positions
+    @property
+    def eos(self) -> int:
+        return self.num_icds
+
+    @property
+    def bos(self) -> int:
+        return self.num_icds + 1
+
+    @property
+    def query(self) -> int:
+        return self.num_icds + 2
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_icds + 3
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """Feature modalities the model reads anywhere (query or ICD), in canonical order."""
+        used = set(self.query_features) | set(self.icd_features)
+        return tuple(m for m in MODALITIES if m in used)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["query_features"] = list(self.query_features)
+        d["icd_features"] = list(self.icd_features)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LeverLMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"LeverLMConfig: unknown fields {unknown}")
+        return cls(**d)
+
+
+def build_sequences(
+    icd_seqs: list[list[int]], config: LeverLMConfig, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Token ids and next-token targets for ICD sequences (right-padded, causal => no mask).
+
+    Returns ``tokens (B, L)`` = ``BOS, QUERY, ICD_1..ICD_n`` padded with EOS and
+    ``targets (B, L)`` = ``ignore, ICD_1..ICD_n, EOS`` padded with ``IGNORE_INDEX``, where
+    ``L = max n + 2``. Padding sits after every real token, so with causal attention it never
+    changes the logits of real positions.
+    """
+    if not icd_seqs:
+        raise ValueError("build_sequences: no sequences")
+    n_max = max(len(s) for s in icd_seqs)
+    B, L = len(icd_seqs), n_max + 2
+    tokens = torch.full((B, L), config.eos, dtype=torch.long)
+    targets = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+    tokens[:, 0], tokens[:, 1] = config.bos, config.query
+    for b, seq in enumerate(icd_seqs):
+        for p in seq:
+            if not 0 <= p < config.num_icds:
+                raise ValueError(
+                    f"ICD position {p} out of range for a supporting set of {config.num_icds}"
+                )
+        n = len(seq)
+        if n:
+            tokens[b, 2 : 2 + n] = torch.tensor(seq, dtype=torch.long)
+            targets[b, 1 : 1 + n] = tokens[b, 2 : 2 + n]
+        targets[b, 1 + n] = config.eos
+    if device is not None:
+        tokens, targets = tokens.to(device), targets.to(device)
+    return tokens, targets
+
+
+class FeatureAdapter(nn.Module):
+    """CLIP feature -> n_embd: optional L2 norm, then an MLP or a linear map (or identity)."""
+
+    def __init__(self, in_dim: int, out_dim: int, mlp: bool, normalize: bool):
+        super().__init__()
+        self.normalize = normalize
+        if mlp:
+            self.net: nn.Module = nn.Sequential(
+                nn.Linear(in_dim, 4 * out_dim), nn.GELU(), nn.Linear(4 * out_dim, out_dim)
+            )
+        elif in_dim != out_dim:
+            self.net = nn.Linear(in_dim, out_dim)
+        else:
+            self.net = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., D) -> (..., C)
+        if self.normalize:
+            # F.normalize clamps the norm, so the all-zero rows used as padding stay zero
+            x = F.normalize(x, dim=-1)
+        return self.net(x)
+
+
+def _cache_kwarg() -> str:
+    """Name of GPT2Model.forward's KV-cache argument (``cache`` in transformers 5.x)."""
+    from transformers import GPT2Model
+
+    params = inspect.signature(GPT2Model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class LeverLMModel(nn.Module):
+    """The Lever-LM network: GPT-2 (or LSTM) over ICD positions with CLIP features added."""
+
+    def __init__(self, config: LeverLMConfig):
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        if config.backbone == "gpt2":
+            from transformers import GPT2Config, GPT2Model
+
+            gpt_config = GPT2Config(
+                vocab_size=config.vocab_size,
+                n_positions=config.n_positions,
+                n_embd=C,
+                n_layer=config.n_layer,
+                n_head=config.n_head,
+                resid_pdrop=config.dropout,
+                embd_pdrop=config.dropout,
+                attn_pdrop=config.dropout,
+                bos_token_id=config.bos,
+                eos_token_id=config.eos,
+                pad_token_id=config.eos,
+                attn_implementation="sdpa",
+            )
+            self.gpt2 = GPT2Model(gpt_config)
+            self._cache_kw = _cache_kwarg()
+        else:
+            self.embedding = nn.Embedding(config.vocab_size, C)
+            nn.init.normal_(self.embedding.weight, std=0.02)
+            self.drop = nn.Dropout(config.dropout)
+            self.lstm = nn.LSTM(
+                C,
+                C,
+                num_layers=config.n_layer,
+                batch_first=True,
+                dropout=config.dropout if config.n_layer > 1 else 0.0,
+            )
+            self.ln_f = nn.LayerNorm(C)
+        self.adapters = nn.ModuleDict(
+            {
+                m: FeatureAdapter(config.feature_dim, C, config.adapter, config.normalize)
+                for m in config.modalities
+            }
+        )
+        # weight tying, as GPT-2 does (the vocabulary dominates the parameter count)
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    # -- pieces ------------------------------------------------------------------------------
+    @property
+    def wte(self) -> nn.Embedding:
+        """The token embedding (GPT-2's own ``wte`` for gpt2), tied to ``lm_head``."""
+        return self.gpt2.wte if self.config.backbone == "gpt2" else self.embedding
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _feature_sum(
+        self, feats: Features | None, names: tuple[str, ...], where: str
+    ) -> Tensor | None:
+        """Sum of adapted features over ``names``: (..., D) each -> (..., C)."""
+        if not names:
+            return None
+        if feats is None:
+            raise ValueError(f"LeverLM needs {where} features {list(names)}, got none")
+        missing = [m for m in names if m not in feats]
+        if missing:
+            raise ValueError(
+                f"LeverLM needs {where} features {list(names)}; missing {missing} "
+                f"(given: {sorted(feats)})"
+            )
+        dtype = self.wte.weight.dtype
+        out = None
+        for m in names:
+            x = feats[m]
+            if x.shape[-1] != self.config.feature_dim:
+                raise ValueError(
+                    f"{where} {m} features have dim {x.shape[-1]}, model expects "
+                    f"feature_dim={self.config.feature_dim}"
+                )
+            y = self.adapters[m](x.to(dtype))
+            out = y if out is None else out + y
+        return out
+
+    def embed(
+        self, tokens: Tensor, query_feats: Features | None = None, icd_feats: Features | None = None
+    ) -> Tensor:
+        """Input embeddings: token embedding + features at the QUERY and ICD tokens.
+
+        tokens (B, T); query_feats {m: (B, D)}, needed when a QUERY token is in ``tokens``;
+        icd_feats {m: (B, T, D)} aligned with ``tokens`` (rows at non-ICD tokens are ignored).
+        """
+        cfg = self.config
+        x = self.wte(tokens)  # (B, T, C)
+        is_query = tokens == cfg.query  # (B, T)
+        if cfg.query_features and bool(is_query.any()):
+            q = self._feature_sum(query_feats, cfg.query_features, "query")  # (B, C)
+            x = x + is_query.unsqueeze(-1).to(x.dtype) * q.unsqueeze(1)
+        is_icd = tokens < cfg.num_icds  # (B, T)
+        if cfg.icd_features and bool(is_icd.any()):
+            icd = self._feature_sum(icd_feats, cfg.icd_features, "ICD")  # (B, T, C)
+            if icd.shape[:2] != tokens.shape:
+                raise ValueError(
+                    f"ICD features cover {tuple(icd.shape[:2])} tokens, sequence is {tuple(tokens.shape)}"
+                )
+            # masked, so the adapter's bias on padding rows never leaks into special tokens
+            x = x + is_icd.unsqueeze(-1).to(x.dtype) * icd
+        return x
+
+    def backbone(
+        self, x: Tensor, state: State = None, use_cache: bool = False
+    ) -> tuple[Tensor, State]:
+        """Hidden states for input embeddings x (B, T, C), continuing from ``state``."""
+        if self.config.backbone == "gpt2":
+            past = state.get_seq_length() if state is not None else 0
+            if past + x.shape[1] > self.config.n_positions:
+                raise ValueError(
+                    f"sequence of {past + x.shape[1]} tokens exceeds n_positions="
+                    f"{self.config.n_positions} (shots + 2); train with a larger n_positions"
+                )
+            kw = {self._cache_kw: state} if state is not None else {}
+            out = self.gpt2(inputs_embeds=x, use_cache=use_cache, **kw)
+            new_state = getattr(out, "cache", None) if use_cache else None
+            if use_cache and new_state is None:
+                new_state = getattr(out, "past_key_values", None)
+            return out.last_hidden_state, new_state
+        h, new_state = self.lstm(self.drop(x), state)
+        return self.ln_f(h), (new_state if use_cache else None)
+
+    @staticmethod
+    def reorder_state(state: State, index: Tensor) -> State:
+        """Select/reorder the batch rows of a decoding state (beam search, per-query splits)."""
+        if state is None:
+            return None
+        if isinstance(state, tuple):  # lstm (h, c): (n_layer, B, C)
+            return tuple(s.index_select(1, index) for s in state)
+        state.reorder_cache(index)
+        return state
+
+    # -- API -------------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: Tensor,
+        query_feats: Features | None = None,
+        icd_feats: Features | None = None,
+        targets: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits and loss for whole sequences (teacher forcing; the reference decoding path).
+
+        tokens (B, T); targets (B, T) with IGNORE_INDEX where nothing is predicted. With
+        targets: logits (B, T, V) and the mean cross-entropy; without: logits of the last
+        position only, (B, 1, V), and loss None (as nanoGPT does at inference).
+        """
+        h, _ = self.backbone(self.embed(tokens, query_feats, icd_feats))  # (B, T, C)
+        if targets is None:
+            return self.lm_head(h[:, -1:, :]), None
+        logits = self.lm_head(h)  # (B, T, V)
+        loss = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE_INDEX
+        )
+        return logits, loss
+
+    def step(
+        self,
+        tokens: Tensor,
+        query_feats: Features | None = None,
+        icd_feats: Features | None = None,
+        state: State = None,
+    ) -> tuple[Tensor, State]:
+        """Incremental decoding: feed new tokens (B, T) after ``state``; last logits (B, V)."""
+        h, state = self.backbone(self.embed(tokens, query_feats, icd_feats), state, use_cache=True)
+        return self.lm_head(h[:, -1, :]), state
+
+    @torch.no_grad()
+    def generate(
+        self,
+        query_feats: Features,
+        icd_bank: Features,
+        shots: int,
+        beam_size: int = 1,
+        exclude: list[list[int]] | None = None,
+    ) -> Tensor:
+        """Choose ``shots`` ICDs for each query: (B, shots) positions, in prompt order.
+
+        query_feats {m: (B, D)}; icd_bank {m: (N, D)} the supporting set's features by position.
+        Greedy (beam_size 1) or beam search, KV-cached, no repeats *per query*; see
+        :mod:`leverlm.lever.generate`.
+        """
+        from leverlm.lever.generate import FeatureBank, beam_decode, greedy_decode
+
+        bank = FeatureBank(icd_bank)
+        if beam_size == 1:
+            return greedy_decode(self, query_feats, bank, shots, exclude=exclude)
+        return beam_decode(self, query_feats, bank, shots, beam_size, exclude=exclude)

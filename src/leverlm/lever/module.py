@@ -1,0 +1,409 @@
+"""Training Lever-LM: the LightningModule, the logger default and ``leverlm train`` (LightningCLI).
+
+``leverlm train fit --config experiments/coco/lever_openflamingo.yaml --data.gt_dir ...``;
+``--print_config`` shows the resolved config, which is also saved beside every run and logged
+to the run's logger. The data module's gt manifest fixes the vocabulary (supporting-set size),
+the feature dimension and where the features / supporting set live; the CLI links those into
+the model, so a checkpoint alone is enough to rebuild the model and find its features.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+from leverlm.lever.data import LeverLMDataModule
+from leverlm.lever.model import IGNORE_INDEX, LeverLMConfig, LeverLMModel
+
+Modality = Literal["image", "text"]
+
+
+class LeverLMModule(L.LightningModule):
+    """Steps, optimisation and logging around :class:`LeverLMModel`.
+
+    Args:
+        num_icds: supporting-set size (the CLI links it from the gt dataset).
+        feature_dim: CLIP feature size (linked from the feature store; with trainable CLIP
+            the CLIP model's own output size is used).
+        query_features / icd_features: modalities added to the QUERY / ICD tokens.
+        adapter: MLP adapter from CLIP to n_embd; False = linear (identity if dims match).
+        normalize: L2-normalise features first.
+        clip_trainable: own an open_clip encoder and fine-tune it on the streamed images/texts.
+        clip_model / clip_pretrained: its open_clip name and local checkpoint (None = random).
+        clip_lr: learning rate of the CLIP parameters (default: ``lr``).
+        warmup_ratio: linear warmup over this fraction of all steps, then cosine to 0.
+        feature_store / supporting_set / task: recorded in the checkpoint (linked by the CLI)
+            so decoding finds the features and images without extra flags.
+        table_rows: queries decoded each validation epoch into a wandb table (0 = none).
+    """
+
+    def __init__(
+        self,
+        num_icds: int,
+        feature_dim: int | None = None,
+        backbone: Literal["gpt2", "lstm"] = "gpt2",
+        n_layer: int = 2,
+        n_embd: int = 512,
+        n_head: int = 8,
+        n_positions: int = 64,
+        dropout: float = 0.1,
+        query_features: tuple[Modality, ...] = ("image",),
+        icd_features: tuple[Modality, ...] = ("image", "text"),
+        adapter: bool = True,
+        normalize: bool = False,
+        clip_trainable: bool = False,
+        clip_model: str = "ViT-B-32-quickgelu",
+        clip_pretrained: str | None = None,
+        clip_lr: float | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-3,
+        warmup_ratio: float = 0.05,
+        feature_store: str | None = None,
+        supporting_set: str | None = None,
+        task: str | None = None,
+        table_rows: int = 4,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if lr <= 0 or weight_decay < 0 or not 0 <= warmup_ratio < 1:
+            raise ValueError(
+                f"model: need lr > 0, weight_decay >= 0, 0 <= warmup_ratio < 1; got lr={lr}, "
+                f"weight_decay={weight_decay}, warmup_ratio={warmup_ratio}"
+            )
+        self.clip: torch.nn.Module | None = None
+        if clip_trainable:
+            from leverlm.encoders import load_clip
+
+            self.clip = load_clip(clip_model, clip_pretrained)
+            feature_dim = int(self.clip.dim)
+        elif feature_dim is None:
+            if query_features or icd_features:
+                raise ValueError(
+                    "model.feature_dim is unknown: give data.features (a feature store) or "
+                    "model.feature_dim, or use indices only (empty query/icd_features)"
+                )
+            feature_dim = n_embd
+        self.config = LeverLMConfig(
+            num_icds=num_icds,
+            backbone=backbone,
+            n_layer=n_layer,
+            n_embd=n_embd,
+            n_head=n_head,
+            n_positions=n_positions,
+            dropout=dropout,
+            feature_dim=feature_dim,
+            query_features=tuple(query_features),
+            icd_features=tuple(icd_features),
+            adapter=adapter,
+            normalize=normalize,
+        )
+        self.model = LeverLMModel(self.config)
+        self._table_bank: Any = None
+
+    # -- features ----------------------------------------------------------------------------
+    def batch_features(
+        self, batch: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(query_feats {m: (B, D)}, icd_feats {m: (B, L, D)}) of a batch.
+
+        Frozen CLIP: gathered from the store by the collator. Trainable CLIP: encoded here,
+        so gradients reach the CLIP weights.
+        """
+        if self.clip is None:
+            return batch.get("query_feats", {}), batch.get("icd_feats", {})
+        tokens = batch["tokens"]  # (B, L)
+        B, L = tokens.shape
+
+        def encode(m: str, x: torch.Tensor) -> torch.Tensor:
+            return self.clip.encode_pixels(x) if m == "image" else self.clip.encode_tokens(x)
+
+        query = {m: encode(m, x) for m, x in batch["query_clip"].items()}
+        icd = {}
+        for m, x in batch["icd_clip"].items():
+            flat = encode(m, x)  # (M, D) for the M ICD tokens
+            full = flat.new_zeros(B * L, flat.shape[-1])
+            icd[m] = full.index_copy(0, batch["icd_index"], flat).view(B, L, -1)
+        return query, icd
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        query, icd = self.batch_features(batch)
+        return self.model(batch["tokens"], query, icd, batch.get("targets"))
+
+    # -- steps -------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        _, loss = self(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["tokens"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        logits, loss = self(batch)
+        targets = batch["targets"]
+        is_icd = (targets != IGNORE_INDEX) & (targets < self.config.num_icds)  # ICD targets only
+        correct = (logits.argmax(-1) == targets) & is_icd
+        n_icd = int(is_icd.sum())
+        B = targets.shape[0]
+        self.log("val/loss", loss, prog_bar=True, batch_size=B, sync_dist=True)
+        if n_icd:
+            acc = correct.sum().float() / n_icd
+            self.log("val/next_icd_acc", acc, batch_size=n_icd, sync_dist=True)
+
+    # -- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for _, p in self.model.named_parameters():
+            if p.requires_grad:
+                # matrices (incl. the tied embedding) decay; biases and LayerNorm gains do not
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": hp.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        if self.clip is not None:
+            clip_params = [p for p in self.clip.parameters() if p.requires_grad]
+            groups.append(
+                {"params": clip_params, "weight_decay": hp.weight_decay, "lr": hp.clip_lr or hp.lr}
+            )
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.999))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(round(hp.warmup_ratio * total))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # plain dicts, so LeverLM.from_checkpoint needs neither Lightning nor this class
+        hp = self.hparams
+        checkpoint["leverlm_config"] = self.config.to_dict()
+        checkpoint["leverlm_info"] = {
+            "feature_store": hp.feature_store,
+            "supporting_set": hp.supporting_set,
+            "task": hp.task,
+            "clip_trainable": bool(hp.clip_trainable),
+            "clip_model": hp.clip_model,
+        }
+
+    # -- decoded-sequence table --------------------------------------------------------------
+    def on_validation_epoch_end(self) -> None:
+        if self.hparams.table_rows <= 0 or self.trainer.sanity_checking:
+            return
+        if not self.trainer.is_global_zero or self.clip is not None:
+            return  # trainable CLIP: the store's features are not the model's features
+        wandb_loggers = [lg for lg in self.loggers if isinstance(lg, WandbLogger)]
+        if not wandb_loggers:
+            return  # other loggers: no table, and no decoding cost
+        rows = self.decoded_rows()
+        if rows is None:
+            return
+        columns, data = rows
+        for lg in wandb_loggers:
+            lg.log_table(key="val/decoded", columns=columns, data=data)
+
+    def decoded_rows(self) -> tuple[list[str], list[list[Any]]] | None:
+        """A few validation queries decoded greedily: (columns, rows) with images if available."""
+        import numpy as np
+
+        from leverlm.lever.generate import FeatureBank, greedy_decode
+
+        dm = getattr(self.trainer, "datamodule", None)
+        if (
+            not isinstance(dm, LeverLMDataModule)
+            or dm.val_dataset is None
+            or not len(dm.val_dataset)
+        ):
+            return None
+        seen: dict[int, list[int]] = {}
+        for pos, seq in dm.val_dataset.items:
+            if pos not in seen and len(seen) < self.hparams.table_rows:
+                seen[pos] = list(seq)
+        positions = list(seen)
+        shots = max(1, max(len(s) for s in seen.values()))
+        store = dm.store
+        if self.config.icd_features and self._table_bank is None:
+            self._table_bank = FeatureBank.from_store(
+                store, self.config.icd_features, device=self.device
+            )
+        q = {
+            m: torch.from_numpy(np.asarray(getattr(store, m)[positions])).to(self.device)
+            for m in self.config.query_features
+        }
+        decoded = greedy_decode(
+            self.model,
+            q,
+            self._table_bank,
+            shots,
+            exclude=[[p] for p in positions],
+            num_queries=len(positions),
+        ).tolist()
+        images = _collection_images(dm.supporting_set_path)
+        columns = ["query_position", "query_image", "decoded_icds", "decoded_images", "gt_icds"]
+        data = []
+        for pos, icds in zip(positions, decoded, strict=True):
+            data.append(
+                [
+                    pos,
+                    images(pos) if images else None,
+                    icds,
+                    [images(p) for p in icds] if images else None,
+                    seen[pos],
+                ]
+            )
+        return columns, data
+
+
+def _collection_images(path: str | None) -> Any:
+    """pos -> wandb.Image of the supporting set (None when the collection is unavailable)."""
+    if not path or not os.path.isdir(path):
+        return None
+    try:
+        import wandb
+
+        from leverlm.data.collection import Collection
+
+        coll = Collection(path)
+    except Exception:  # noqa: BLE001 - the table is a nicety; never fail training for it
+        return None
+    return lambda pos: wandb.Image(coll.image(pos), caption=coll.keys[pos])
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear warmup over ``warmup`` steps, then cosine from 1 to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class AutoWandbLogger(WandbLogger):
+    """WandbLogger that is offline unless ``WANDB_API_KEY`` is set.
+
+    An explicit ``WANDB_MODE`` (e.g. ``disabled`` in tests) always wins: Lightning's own
+    ``offline=True`` would overwrite it with ``dryrun``.
+    """
+
+    def __init__(
+        self,
+        project: str = "leverlm",
+        name: str | None = None,
+        save_dir: str = "runs",
+        offline: bool | None = None,
+        log_model: bool = False,
+        tags: list[str] | None = None,
+        group: str | None = None,
+    ):
+        if offline is None:
+            offline = not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ
+        os.makedirs(save_dir, exist_ok=True)
+        super().__init__(
+            project=project,
+            name=name,
+            save_dir=save_dir,
+            offline=offline,
+            log_model=log_model,
+            tags=tags,
+            group=group,
+        )
+
+
+class LoggerSaveConfigCallback(SaveConfigCallback):
+    """Save the resolved config beside the run *and* log it to the run's logger(s)."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import yaml
+
+        from leverlm.utils import atomic_open
+
+        text = self.parser.dump(self.config, skip_none=False)
+        config = yaml.safe_load(text)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": config})
+        # SaveConfigCallback writes to trainer.log_dir, which for wandb is the save_dir shared by
+        # all runs; keep a copy in the run's own folder (where its checkpoints go) as well.
+        run_dir = _run_dir(trainer)
+        if run_dir is not None:
+            with atomic_open(
+                os.path.join(run_dir, self.config_filename), "w", encoding="utf-8"
+            ) as fh:
+                fh.write(text)
+
+
+def _run_dir(trainer: L.Trainer) -> str | None:
+    """The per-run folder of the first logger (``save_dir/name/version``), if it has one."""
+    if not trainer.loggers:
+        return None
+    logger = trainer.loggers[0]
+    if not isinstance(logger, WandbLogger) or logger.save_dir is None:
+        return None  # CSV/TensorBoard: trainer.log_dir is already per run
+    version = logger.version
+    version = version if isinstance(version, str) else f"version_{version}"
+    return os.path.join(logger.save_dir, str(logger.name), version)
+
+
+class LeverLMCLI(LightningCLI):
+    """LightningCLI with the data -> model links and the default checkpointing."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        # what the data module must gather follows the model's configuration
+        for key in ("query_features", "icd_features", "clip_trainable", "clip_model"):
+            parser.link_arguments(f"model.{key}", f"data.{key}")
+        # what the gt dataset fixes: vocabulary, feature size, where features/images live
+        for src, dst in (
+            ("num_icds", "num_icds"),
+            ("feature_dim", "feature_dim"),
+            ("feature_store_path", "feature_store"),
+            ("supporting_set_path", "supporting_set"),
+            ("task", "task"),
+        ):
+            parser.link_arguments(f"data.{src}", f"model.{dst}", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch:02d}-{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "default_root_dir": "runs/lever",
+    "logger": {
+        "class_path": "leverlm.lever.module.AutoWandbLogger",
+        "init_args": {"save_dir": "runs"},
+    },
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``leverlm train {fit,validate} [--config ...] [--print_config] [overrides]``."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # LightningCLI reads sys.argv (and warns when given both); show "leverlm train" in --help
+    saved = sys.argv
+    sys.argv = ["leverlm train", *argv]
+    try:
+        LeverLMCLI(
+            LeverLMModule,
+            LeverLMDataModule,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_callback=LoggerSaveConfigCallback,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults=TRAINER_DEFAULTS,
+            auto_configure_optimizers=False,
+        )
+    finally:
+        sys.argv = saved
+    return 0
