@@ -32,3 +32,25 @@ def test_postprocess_cuts_at_next_demonstration():
     task = get_task("vqa")
     assert task.postprocess(" yes\nQuestion: is it") == "yes"
     assert task.postprocess("red Question:") == "red"
+
+
+def test_atomic_write_json_gives_normal_permissions_and_no_temp(tmp_path):
+    import json
+    import os
+
+    from leverlm.utils import atomic_open, atomic_write_json
+
+    target = tmp_path / "out.json"
+    atomic_write_json(target, {"b": 1, "a": 2})
+    assert json.loads(target.read_text()) == {"a": 2, "b": 1}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+    try:
+        with atomic_open(target) as fh:
+            fh.write("half")
+            raise RuntimeError("crash")
+    except RuntimeError:
+        pass
+    assert json.loads(target.read_text()) == {"a": 2, "b": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
