@@ -1,0 +1,211 @@
+"""The feature store: memory-mapped fp16 CLIP features of one collection, row i = position i.
+
+Layout of a store folder::
+
+    manifest.json   encoder, checkpoint (+ sha256), dim, normalisation, collection name +
+                    manifest sha256, text field, num_rows, complete
+    image.npy       float16 [num_rows, dim]  (numpy .npy, opened with mmap)
+    text.npy        float16 [num_rows, dim]
+
+A store is built in a sibling scratch folder ``.<name>.partial/`` (which also holds the
+``done.npy`` row mask a resumed job reads) and moved into place only when every row is written,
+so a folder with a ``manifest.json`` saying ``complete: true`` is always whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from leverlm.utils import sha256_file
+
+FORMAT = "leverlm-features"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+IMAGE = "image.npy"
+TEXT = "text.npy"
+DONE = "done.npy"
+DTYPE = np.float16
+# Manifest keys that do not change what the arrays contain (a moved collection or checkpoint
+# still matches; completeness is checked on its own).
+_NON_IDENTITY_KEYS = ("complete", "collection_path", "checkpoint")
+
+
+class FeatureStoreError(ValueError):
+    """A feature store is missing, incomplete, corrupt or built for other inputs."""
+
+
+def _safe_name(name: str) -> str:
+    # Model names may carry schemas and slashes (hf-hub:org/repo); keep one path component.
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._") or "model"
+
+
+def collection_manifest_path(collection: Any) -> Path:
+    """``manifest.json`` of a collection given as a path or a ``Collection``-like object."""
+    if isinstance(collection, str | os.PathLike):
+        root = Path(collection)
+    else:
+        root = None
+        for attr in ("path", "root", "dir"):
+            value = getattr(collection, attr, None)
+            if isinstance(value, str | os.PathLike):
+                root = Path(value)
+                break
+        if root is None:
+            raise FeatureStoreError(
+                f"cannot find the folder of collection {collection!r}: pass its path"
+            )
+    return root if root.name == MANIFEST else root / MANIFEST
+
+
+def collection_name(collection_path: str | os.PathLike) -> str:
+    """A collection's name: ``manifest.json``'s ``name`` if present, else its folder name."""
+    manifest_path = collection_manifest_path(collection_path)
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = {}
+    name = manifest.get("name") if isinstance(manifest, dict) else None
+    return str(name) if name else manifest_path.parent.resolve().name
+
+
+def default_feature_dir(collection_path: str | os.PathLike, model_name: str) -> Path:
+    """Where ``leverlm features`` writes when ``--out`` is omitted.
+
+    ``<collection>/../features/<collection-name>/<model-name>/``: the features sit beside the
+    collections (one folder per collection x encoder), with unsafe characters in the model name
+    replaced by ``_``.
+    """
+    root = collection_manifest_path(collection_path).parent.resolve()
+    return root.parent / "features" / _safe_name(collection_name(root)) / _safe_name(model_name)
+
+
+def identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest fields that decide whether two stores hold the same features."""
+    return {k: v for k, v in manifest.items() if k not in _NON_IDENTITY_KEYS}
+
+
+def identity_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two manifests' identities (``key: a != b``)."""
+    ia, ib = identity(a), identity(b)
+    return [
+        f"{k}: {ia.get(k)!r} != {ib.get(k)!r}"
+        for k in sorted(set(ia) | set(ib))
+        if ia.get(k) != ib.get(k)
+    ]
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """A store's ``manifest.json`` (path = the store folder), checked for format."""
+    file = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise FeatureStoreError(f"{file} not found: {path} is not a feature store") from err
+    except (OSError, ValueError) as err:
+        raise FeatureStoreError(f"cannot read feature store manifest {file}: {err}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise FeatureStoreError(f"{file} is not a {FORMAT} manifest (format field)")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise FeatureStoreError(
+            f"{file}: version {manifest.get('version')!r} is not supported "
+            f"(expected {FORMAT_VERSION})"
+        )
+    for key in ("num_rows", "dim"):
+        if not isinstance(manifest.get(key), int) or manifest[key] < 0:
+            raise FeatureStoreError(f"{file}: field {key!r} = {manifest.get(key)!r} is invalid")
+    return manifest
+
+
+def open_array(path: Path, num_rows: int, dim: int, mode: str = "r") -> np.memmap:
+    """Memory-map one ``.npy`` array, checking shape and dtype against the manifest."""
+    try:
+        arr = np.load(path, mmap_mode=mode)
+    except FileNotFoundError as err:
+        raise FeatureStoreError(f"feature array {path} is missing") from err
+    except (OSError, ValueError) as err:
+        raise FeatureStoreError(f"cannot read feature array {path}: {err}") from err
+    if arr.shape != (num_rows, dim) or arr.dtype != DTYPE:
+        raise FeatureStoreError(
+            f"feature array {path} has shape {arr.shape} dtype {arr.dtype}; the manifest says "
+            f"({num_rows}, {dim}) {np.dtype(DTYPE).name}"
+        )
+    return arr
+
+
+class FeatureStore:
+    """Read-only view of a feature store folder.
+
+    ``image`` / ``text`` are ``np.memmap`` arrays ``[N, dim]`` float16 (row = position); slicing
+    reads only the rows asked for. Opening an incomplete store raises unless
+    ``allow_incomplete`` (then unfinished rows are zeros).
+    """
+
+    def __init__(self, path: str | os.PathLike, allow_incomplete: bool = False) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        if not self.manifest.get("complete") and not allow_incomplete:
+            raise FeatureStoreError(
+                f"feature store {self.path} is incomplete (manifest 'complete' is false); "
+                f"rerun 'leverlm features' to finish it"
+            )
+        n, d = self.manifest["num_rows"], self.manifest["dim"]
+        self.image = open_array(self.path / IMAGE, n, d)
+        self.text = open_array(self.path / TEXT, n, d)
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def normalized(self) -> bool:
+        return bool(self.manifest.get("normalize"))
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_rows"])
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (
+            f"FeatureStore({str(self.path)!r}, model={m.get('model_name')!r}, rows={len(self)}, "
+            f"dim={self.dim}, collection={m.get('collection_name')!r})"
+        )
+
+    def check_matches(self, collection: Any) -> None:
+        """Raise ``FeatureStoreError`` unless this store is complete and built for ``collection``.
+
+        ``collection`` is a collection folder or a ``Collection``; the comparison is by the
+        sha256 of its ``manifest.json`` (and its length when it has one).
+        """
+        if not self.complete:
+            raise FeatureStoreError(f"feature store {self.path} is incomplete; rerun it")
+        manifest_path = collection_manifest_path(collection)
+        try:
+            sha = sha256_file(manifest_path)
+        except OSError as err:
+            raise FeatureStoreError(
+                f"cannot read collection manifest {manifest_path}: {err}"
+            ) from err
+        want = self.manifest.get("collection_manifest_sha256")
+        if sha != want:
+            raise FeatureStoreError(
+                f"feature store {self.path} was built for collection "
+                f"{self.manifest.get('collection_name')!r} (manifest sha256 {str(want)[:12]}...), "
+                f"not for {manifest_path.parent} (sha256 {sha[:12]}...); rebuild it with "
+                f"'leverlm features --collection {manifest_path.parent} --overwrite'"
+            )
+        sized = not isinstance(collection, str | os.PathLike) and hasattr(collection, "__len__")
+        if sized and len(collection) != len(self):
+            raise FeatureStoreError(
+                f"feature store {self.path} has {len(self)} rows but collection "
+                f"{manifest_path.parent} has {len(collection)} samples"
+            )
