@@ -212,6 +212,13 @@ def greedy_decode(
     return chosen
 
 
+def _log_softmax(logits: Tensor) -> Tensor:
+    """log-probs in at least float32 (fp16 logits would make beam scores tie)."""
+    import torch
+
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+
+
 def beam_decode(
     model: LeverLMModel,
     query_feats: Features,
@@ -235,7 +242,7 @@ def beam_decode(
     V = model.config.vocab_size
     banned = _initial_ban(model, B, exclude, device)  # (B, V)
     logits, state = model.step(_prefix(model, B, device), query_feats=query_feats)
-    logp = torch.log_softmax(logits.float(), -1).masked_fill(banned, float("-inf"))  # (B, V)
+    logp = _log_softmax(logits).masked_fill(banned, float("-inf"))  # (B, V)
     scores, tok = logp.topk(K, dim=-1)  # (B, K): the K best first ICDs of each query
     # every query's prefix state is shared by its K beams: rows b*K .. b*K+K-1
     expand = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,)
@@ -247,7 +254,7 @@ def beam_decode(
     for _ in range(1, shots):
         last = seqs[:, -1:]  # (B*K, 1)
         logits, state = model.step(last, icd_feats=_icd_feats(model, bank, last), state=state)
-        logp = torch.log_softmax(logits.float(), -1).masked_fill(banned, float("-inf"))
+        logp = _log_softmax(logits).masked_fill(banned, float("-inf"))
         total = (scores.unsqueeze(1) + logp).view(B, K * V)  # (B, K*V)
         scores, flat = total.topk(K, dim=-1)  # (B, K)
         origin = (flat // V + torch.arange(B, device=device).unsqueeze(1) * K).reshape(-1)
