@@ -1,0 +1,277 @@
+"""The `leverlm gt` job end to end on a tiny VQA collection and the tiny IDEFICS model.
+
+Covers resume after SIGKILL, 2-process DDP, determinism and bad-config refusal.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from leverlm.gt.data import read_gt
+from leverlm.gt.job import main
+from leverlm.gt.samplers import RandomSampler, select_anchors
+
+NUM_SAMPLES = 24
+NUM_ANCHORS = 11  # odd: the 2-rank split is uneven
+K = 8
+LEVERLM = str(Path(sys.executable).with_name("leverlm"))
+
+
+def _image(i: int) -> bytes:
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (32, 32), (i * 37 % 256, i * 91 % 256, i * 13 % 256))
+    ImageDraw.Draw(im).rectangle([2 + i % 9, 3, 20, 12 + i % 13], fill=(250 - i * 7, 20, i * 9))
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _collection(path: Path) -> Path:
+    from leverlm.data.collection import SampleRecord, write_collection
+
+    colors = ["red", "green", "blue", "teal", "gray"]
+    records = []
+    for i in range(NUM_SAMPLES):
+        answer = colors[i % 5] if i % 3 else ("yes" if i % 2 else "no")
+        question = "What color is the shape?" if i % 3 else "Is there a circle?"
+        fields = {
+            "question_id": i,
+            "image_id": i,
+            "question": question,
+            "answers": [answer] * 10,
+            "answer": answer,
+            "answer_type": "other",
+            "question_type": "what",
+        }
+        records.append(SampleRecord(f"tiny-{i:06d}", _image(i), "png", fields))
+    return write_collection(path, records, name="tiny-vqa-train", task="vqa", split="train")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from leverlm.lvlm.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("gt_job")
+    coll = _collection(root / "coll")
+    lvlm = build_tiny("idefics", root / "idefics", seed=0)
+    cfg = root / "gt.yaml"
+    cfg.write_text(
+        f"""
+data:
+  collection: {coll}
+  num_anchors: {NUM_ANCHORS}
+  seed: 0
+  sampler: random
+  num_candidates: {K}
+  anchors_per_batch: 1
+  num_workers: 0
+model:
+  model_type: idefics
+  path: {lvlm}
+  task: vqa_idefics
+  dtype: float32
+  beam_size: 3
+  shots: 2
+  order: left
+  ranking: last
+  scorer: infoscore
+  candidate_batch_size: 16
+trainer:
+  accelerator: cpu
+  devices: 1
+  logger: false
+progress_bar: false
+"""
+    )
+    ref = root / "ref"
+    assert _run(cfg, ref) == 0
+    return SimpleNamespace(root=root, coll=coll, lvlm=lvlm, cfg=cfg, ref=ref)
+
+
+def _run(cfg: Path, out: Path, *extra: str) -> int:
+    return main(["predict", "--config", str(cfg), "--out", str(out), *extra])
+
+
+def _bytes(out: Path) -> tuple[bytes, bytes]:
+    return (out / "records.jsonl").read_bytes(), (out / "manifest.json").read_bytes()
+
+
+def _part_records(out: Path) -> list[dict]:
+    return [
+        json.loads(line)
+        for p in sorted((out / "parts").glob("rank*.jsonl"))
+        for line in p.read_text().splitlines()
+    ]
+
+
+def test_reference_run_is_a_valid_gt_dataset(world):
+    manifest, records = read_gt(world.ref)
+    anchors = select_anchors(NUM_SAMPLES, NUM_ANCHORS, seed=0)
+    assert [r.anchor_position for r in records] == anchors
+    assert manifest["num_records"] == NUM_ANCHORS and manifest["task"] == "vqa"
+    assert manifest["supporting_set"]["num_samples"] == NUM_SAMPLES
+    assert manifest["lvlm"] == {
+        "model_type": "idefics",
+        "path": str(world.lvlm),
+        "dtype": "float32",
+    }
+    sampler = RandomSampler(NUM_SAMPLES, K, seed=0)
+    for r in records:
+        cands = set(sampler.sample([r.anchor_position])[0])
+        assert len(r.sequences) == 3 and r.scores == sorted(r.scores, reverse=True)
+        for seq, steps, score in zip(r.sequences, r.step_scores, r.scores):
+            assert len(seq) == 2 == len(set(seq)) and set(seq) <= cands
+            assert score == steps[-1]  # ranking: last
+        assert r.anchor_key == f"tiny-{r.anchor_position:06d}"
+
+
+def test_same_seed_same_bytes_other_seed_other_anchors(world, tmp_path):
+    assert _run(world.cfg, tmp_path / "again") == 0
+    assert _bytes(tmp_path / "again") == _bytes(world.ref)
+    assert _run(world.cfg, tmp_path / "seed1", "--data.seed", "1") == 0
+    other = [r.anchor_position for r in read_gt(tmp_path / "seed1")[1]]
+    assert other != [r.anchor_position for r in read_gt(world.ref)[1]]
+
+
+def test_merge_command_rebuilds_the_same_dataset(world, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(world.ref, out)
+    (out / "records.jsonl").unlink()
+    (out / "manifest.json").unlink()
+    assert main(["merge", "--out", str(out)]) == 0
+    assert _bytes(out) == _bytes(world.ref)
+
+
+def _wait_for(pattern: str, folder: Path, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if list(folder.glob(pattern)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"job exited (rc {proc.returncode}) before writing {pattern}")
+        time.sleep(0.01)
+    raise AssertionError(f"no {pattern} in {folder} after {timeout}s")
+
+
+def test_resume_after_sigkill_is_byte_identical(world, tmp_path, caplog):
+    out = tmp_path / "killed"
+    cmd = [LEVERLM, "gt", "predict", "--config", str(world.cfg), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_for("rank0-*.jsonl", out / "parts", proc)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-way through the next anchor
+    finally:
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    done_before = {r["anchor_position"] for r in _part_records(out)}
+    assert 1 <= len(done_before) < NUM_ANCHORS, "the kill came too late to test a resume"
+    assert not (out / "manifest.json").exists()
+
+    with caplog.at_level("INFO", logger="leverlm.gt"):
+        assert _run(world.cfg, out) == 0
+    assert f"skipped {len(done_before)} anchors already done" in caplog.text
+    # Only the missing anchors were computed: every anchor is in exactly one part record.
+    positions = [r["anchor_position"] for r in _part_records(out)]
+    assert sorted(positions) == sorted(set(positions)) and len(positions) == NUM_ANCHORS
+    assert _bytes(out) == _bytes(world.ref)
+
+
+def test_two_process_ddp_equals_one_process(world, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        LEVERLM,
+        "gt",
+        "predict",
+        "--config",
+        str(world.cfg),
+        "--out",
+        str(out),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--data.anchors_per_batch",
+        "2",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rank 1: skipped 0 anchors already done, 5 of 11 to do" in res.stderr
+    assert "rank 0: skipped 0 anchors already done, 6 of 11 to do" in res.stderr
+    ranks = {p.name.split("-")[0] for p in (out / "parts").glob("rank*.jsonl")}
+    assert ranks == {"rank0", "rank1"}
+    positions = [r["anchor_position"] for r in _part_records(out)]
+    assert len(positions) == NUM_ANCHORS == len(set(positions))
+    assert _bytes(out) == _bytes(world.ref)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if anything tries to load an LVLM."""
+    import leverlm.lvlm.base
+
+    def boom(*a, **k):
+        raise AssertionError("an LVLM was loaded for a config that should have been refused")
+
+    monkeypatch.setattr(leverlm.lvlm.base, "load_lvlm", boom)
+    monkeypatch.setattr(leverlm.lvlm.base, "resolve_loader", boom)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--model.beam_size", "9"], "beam_size=9 exceeds the number of candidates"),
+        (["--model.shots", "0"], "shots=0"),
+        (["--data.num_anchors", "25"], "num_anchors=25 exceeds the collection size"),
+        (["--data.num_candidates", "24"], "num_candidates=24"),
+        (["--model.path", "/nonexistent/idefics"], "'/nonexistent/idefics' does not exist"),
+        (["--model.task", "caption"], "is a 'caption' task but collection"),
+    ],
+)
+def test_bad_config_is_refused_before_loading(
+    world, tmp_path, capsys, no_model_load, override, message
+):
+    out = tmp_path / "bad"
+    assert _run(world.cfg, out, *override) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_other_config_in_out_is_refused(world, capsys, no_model_load):
+    before = _bytes(world.ref)
+    parts = sorted(p.name for p in (world.ref / "parts").iterdir())
+    assert _run(world.cfg, world.ref, "--data.seed", "7") == 2
+    err = capsys.readouterr().err
+    assert "holds gt results of a different config" in err and "--overwrite" in err
+    assert _bytes(world.ref) == before
+    assert sorted(p.name for p in (world.ref / "parts").iterdir()) == parts
+
+
+def test_progress_metrics_are_logged(world, tmp_path):
+    out = tmp_path / "logged"
+    args = [
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        str(tmp_path / "csv"),
+        "--data.num_anchors",
+        "3",
+    ]
+    assert _run(world.cfg, out, *args) == 0
+    (metrics,) = (tmp_path / "csv").rglob("metrics.csv")
+    header = metrics.read_text().splitlines()[0].split(",")
+    for name in ("gt/anchors_per_s", "gt/anchors_done", "gt/score_mean", "gt/score_p90"):
+        assert name in header
+    assert len(metrics.read_text().splitlines()) == 1 + 3  # one row per anchor batch
