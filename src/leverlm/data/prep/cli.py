@@ -1,0 +1,180 @@
+"""``leverlm prep {coco,vqav2,easyvqa}``: write collections from the official raw files.
+
+Prints one summary line per collection on stdout (name, task, split, samples, skipped, path);
+progress and status go to stderr. Bad input exits with status 1 and a message naming the file,
+field and value; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from leverlm.data.collection import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, CollectionError
+from leverlm.data.prep.common import REENCODE_CHOICES, VERIFY_CHOICES, PrepError
+
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """``'512M'`` -> 536870912 (binary units k/m/g, case-insensitive; plain bytes too)."""
+    value = text.strip().lower().removesuffix("b").removesuffix("i")
+    unit = value[-1:] if value[-1:] in _UNITS else ""
+    try:
+        number = float(value[: len(value) - len(unit)] if unit else value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a size: {text!r} (e.g. 268435456, 256M, 1G)"
+        ) from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return int(number * _UNITS[unit])
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out", type=Path, required=True, help="root folder; each collection goes to OUT/NAME"
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="keep a seeded random subset of this many samples"
+    )
+    p.add_argument(
+        "--limit-seed", type=int, default=0, help="seed of the --limit subset (default 0)"
+    )
+    p.add_argument(
+        "--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES, help="max samples per shard"
+    )
+    p.add_argument(
+        "--shard-bytes",
+        type=parse_size,
+        default=DEFAULT_SHARD_BYTES,
+        help="max bytes per shard, e.g. 256M (default 256M)",
+    )
+    p.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="skip (and count in the manifest) missing or corrupt images instead of failing",
+    )
+    p.add_argument("--reencode", choices=REENCODE_CHOICES, default="none", help="re-encode images")
+    p.add_argument(
+        "--verify",
+        choices=VERIFY_CHOICES,
+        default="header",
+        help="image check: header (fast) or full (decode every image)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a different existing collection"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar or status lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="leverlm prep", description="Write collections (webdataset shards + manifest + index)."
+    )
+    sub = parser.add_subparsers(dest="source", required=True, metavar="{coco,vqav2,easyvqa}")
+
+    coco = sub.add_parser("coco", help="COCO captions (official 2014/2017 JSON or Karpathy split)")
+    src = coco.add_mutually_exclusive_group(required=True)
+    src.add_argument("--captions", type=Path, help="captions_{train,val}{2014,2017}.json")
+    src.add_argument("--karpathy", type=Path, help="Karpathy dataset_coco.json")
+    coco.add_argument(
+        "--images",
+        type=Path,
+        required=True,
+        help="image folder (official: the split's folder; Karpathy: the COCO root)",
+    )
+    coco.add_argument("--split", help="split (Karpathy: e.g. test or train+restval)")
+    coco.add_argument("--name", help="collection name (default from the source and split)")
+    _common(coco)
+
+    vqa = sub.add_parser("vqav2", help="VQAv2 questions + annotations + COCO images")
+    vqa.add_argument(
+        "--questions", type=Path, required=True, help="v2_OpenEnded_mscoco_*_questions.json"
+    )
+    vqa.add_argument("--annotations", type=Path, required=True, help="v2_mscoco_*_annotations.json")
+    vqa.add_argument("--images", type=Path, required=True, help="folder of COCO_{subtype}_*.jpg")
+    vqa.add_argument(
+        "--subtype", help="COCO image subtype, e.g. train2014 (default: from the files)"
+    )
+    vqa.add_argument("--split", help="split name (default: subtype without the year)")
+    vqa.add_argument("--name", help="collection name (default vqav2-SPLIT)")
+    _common(vqa)
+
+    easy = sub.add_parser("easyvqa", help="the embedded easy-vqa set: VQA + caption collections")
+    easy.add_argument(
+        "--splits", nargs="+", default=["train", "test"], choices=["train", "test"], help="splits"
+    )
+    easy.add_argument(
+        "--data-dir", type=Path, default=None, help="override the package's data folder"
+    )
+    _common(easy)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> dict[str, Path]:
+    common: dict[str, Any] = {
+        "limit": args.limit,
+        "limit_seed": args.limit_seed,
+        "shard_samples": args.shard_samples,
+        "shard_bytes": args.shard_bytes,
+        "skip_missing": args.skip_missing,
+        "reencode": args.reencode,
+        "verify": args.verify,
+        "overwrite": args.overwrite,
+        "progress": not args.quiet,
+    }
+    if args.source == "coco":
+        from leverlm.data.prep.coco import prep_coco
+
+        return prep_coco(
+            args.out,
+            images=args.images,
+            captions=args.captions,
+            karpathy=args.karpathy,
+            split=args.split,
+            name=args.name,
+            **common,
+        )
+    if args.source == "vqav2":
+        from leverlm.data.prep.vqav2 import prep_vqav2
+
+        return prep_vqav2(
+            args.out,
+            questions=args.questions,
+            annotations=args.annotations,
+            images=args.images,
+            subtype=args.subtype,
+            split=args.split,
+            name=args.name,
+            **common,
+        )
+    from leverlm.data.prep.easyvqa import prep_easyvqa
+
+    return prep_easyvqa(args.out, splits=tuple(args.splits), data_dir=args.data_dir, **common)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``leverlm prep``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        written = _run(args)
+    except (PrepError, CollectionError) as err:
+        print(f"leverlm prep: error: {err}", file=sys.stderr)
+        return 1
+    from leverlm.data.collection import read_manifest
+
+    for name, path in written.items():
+        m = read_manifest(path)
+        skipped = m.get("skipped", {}).get("count", 0)
+        print(
+            f"{name}\ttask={m['task']}\tsplit={m['split']}\tsamples={m['num_samples']}"
+            f"\tshards={len(m['shards'])}\tskipped={skipped}\t{path}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

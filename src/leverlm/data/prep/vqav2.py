@@ -1,0 +1,203 @@
+"""VQAv2 (official questions + annotations JSON, COCO images) -> a VQA collection.
+
+Inputs: ``v2_OpenEnded_mscoco_{train,val}2014_questions.json`` (``questions``: ``question_id``,
+``image_id``, ``question``), ``v2_mscoco_{train,val}2014_annotations.json`` (``annotations``:
+``question_id``, ``image_id``, ``answers`` [10 x {``answer``...}], ``multiple_choice_answer``,
+``answer_type``, ``question_type``) and the COCO image folder holding
+``COCO_{subtype}_{image_id:012d}.jpg`` (``subtype`` = the files' ``data_subtype``, e.g.
+``train2014``).
+
+Sample fields: ``question_id``, ``image_id``, ``question``, ``answers`` (the 10 human answers),
+``answer`` (the official ``multiple_choice_answer``: the most frequent), ``answer_type``,
+``question_type``. Samples are ordered by ``question_id``; keys are ``vqav2-{question_id:09d}``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from leverlm.data.collection import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES
+from leverlm.data.prep.common import (
+    ImageReader,
+    PrepError,
+    PrepItem,
+    build_collection,
+    check_common_options,
+    check_dir,
+    load_json,
+    require,
+    require_list,
+    say,
+    subset_indices,
+)
+
+NUM_ANSWERS = 10
+_SUBTYPE = re.compile(r"(train|val|test)(\d{4})")
+
+
+def vqav2_key(question_id: int) -> str:
+    """Stable sample key of a VQAv2 question."""
+    return f"vqav2-{question_id:09d}"
+
+
+def _subtype(data: Any, path: Path) -> str | None:
+    value = data.get("data_subtype") if isinstance(data, dict) else None
+    if value is not None:
+        if not isinstance(value, str) or not _SUBTYPE.fullmatch(value):
+            raise PrepError(f"{path}: field 'data_subtype' is {value!r}, expected e.g. 'train2014'")
+        return value
+    match = _SUBTYPE.search(path.name)
+    return match.group(0) if match else None
+
+
+def parse_vqav2(
+    questions_path: Path, annotations_path: Path
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Join questions and annotations -> (records sorted by question_id, data subtype)."""
+    qdata = load_json(questions_path, "VQAv2 questions file")
+    adata = load_json(annotations_path, "VQAv2 annotations file")
+    questions = require_list(qdata, "questions", file=questions_path)
+    annotations = require_list(adata, "annotations", file=annotations_path)
+    q_sub, a_sub = _subtype(qdata, questions_path), _subtype(adata, annotations_path)
+    if q_sub and a_sub and q_sub != a_sub:
+        raise PrepError(
+            f"{questions_path} is {q_sub} but {annotations_path} is {a_sub}: mismatched files"
+        )
+    by_id: dict[int, dict[str, Any]] = {}
+    for i, ann in enumerate(annotations):
+        f = annotations_path
+        qid = require(ann, "question_id", file=f, record_id=f"annotations[{i}]", kind=int)
+        rid = f"annotations[{i}] (question_id {qid})"
+        if qid in by_id:
+            raise PrepError(f"{f}: {rid}: duplicate question_id {qid}")
+        answers = require(ann, "answers", file=f, record_id=rid, kind=list)
+        if len(answers) != NUM_ANSWERS:
+            raise PrepError(
+                f"{f}: {rid}: field 'answers' has {len(answers)} entries, expected {NUM_ANSWERS}"
+            )
+        by_id[qid] = {
+            "image_id": require(ann, "image_id", file=f, record_id=rid, kind=int),
+            "answers": [
+                require(a, "answer", file=f, record_id=f"{rid} answers[{j}]", kind=str)
+                for j, a in enumerate(answers)
+            ],
+            "answer": require(ann, "multiple_choice_answer", file=f, record_id=rid, kind=str),
+            "answer_type": require(ann, "answer_type", file=f, record_id=rid, kind=str),
+            "question_type": require(ann, "question_type", file=f, record_id=rid, kind=str),
+        }
+    records: dict[int, dict[str, Any]] = {}
+    for i, q in enumerate(questions):
+        f = questions_path
+        qid = require(q, "question_id", file=f, record_id=f"questions[{i}]", kind=int)
+        rid = f"questions[{i}] (question_id {qid})"
+        image_id = require(q, "image_id", file=f, record_id=rid, kind=int)
+        text = require(q, "question", file=f, record_id=rid, kind=str)
+        if qid in records:
+            raise PrepError(f"{f}: {rid}: duplicate question_id {qid}")
+        ann = by_id.get(qid)
+        if ann is None:
+            raise PrepError(
+                f"{f}: {rid}: no annotation with this question_id in {annotations_path}"
+            )
+        if ann["image_id"] != image_id:
+            raise PrepError(
+                f"{f}: {rid}: image_id {image_id} but its annotation in {annotations_path} "
+                f"says {ann['image_id']}"
+            )
+        records[qid] = {
+            "question_id": qid,
+            "image_id": image_id,
+            "question": text,
+            "answers": ann["answers"],
+            "answer": ann["answer"],
+            "answer_type": ann["answer_type"],
+            "question_type": ann["question_type"],
+        }
+    return [records[k] for k in sorted(records)], q_sub or a_sub
+
+
+def prep_vqav2(
+    out_root: str | os.PathLike,
+    *,
+    questions: str | os.PathLike,
+    annotations: str | os.PathLike,
+    images: str | os.PathLike,
+    subtype: str | None = None,
+    split: str | None = None,
+    name: str | None = None,
+    limit: int | None = None,
+    limit_seed: int = 0,
+    shard_samples: int = DEFAULT_SHARD_SAMPLES,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    skip_missing: bool = False,
+    reencode: str = "none",
+    verify: str = "header",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Write a VQAv2 collection under ``out_root``; return ``{name: path}``.
+
+    Args:
+        images: the folder of ``COCO_{subtype}_{image_id:012d}.jpg`` files.
+        subtype: COCO image subtype (``train2014``/``val2014``); default: the files'
+            ``data_subtype``, else their names.
+        split: collection split; default: ``subtype`` without the year.
+        name: collection name / folder under ``out_root``; default ``vqav2-{split}``.
+        limit: keep a seeded (``limit_seed``) uniform subset of this many questions.
+    """
+    check_common_options(
+        reencode=reencode,
+        verify=verify,
+        shard_samples=shard_samples,
+        shard_bytes=shard_bytes,
+        limit=limit,
+    )
+    questions_path, annotations_path = Path(questions), Path(annotations)
+    image_root = check_dir(images, "COCO images")
+    records, found = parse_vqav2(questions_path, annotations_path)
+    subtype = subtype or found
+    if subtype is None or not _SUBTYPE.fullmatch(subtype):
+        raise PrepError(
+            f"cannot tell the COCO image subtype (e.g. train2014) of {questions_path}; pass --subtype"
+        )
+    split = split or _SUBTYPE.fullmatch(subtype).group(1)  # type: ignore[union-attr]
+    name = name or f"vqav2-{split}"
+    if not records:
+        raise PrepError(f"{questions_path}: no questions")
+    chosen = [records[i] for i in subset_indices(len(records), limit, limit_seed)]
+    items = [
+        PrepItem(
+            vqav2_key(r["question_id"]),
+            image_root / f"COCO_{subtype}_{r['image_id']:012d}.jpg",
+            r,
+        )
+        for r in chosen
+    ]
+    say(f"{name}: {len(items)} questions from {questions_path}", progress)
+    path = build_collection(
+        items,
+        out_dir=Path(out_root) / name,
+        name=name,
+        task="vqa",
+        split=split,
+        sources=[("VQAv2 questions", questions_path), ("VQAv2 annotations", annotations_path)],
+        image_root=image_root,
+        options={
+            "subtype": subtype,
+            "limit": limit,
+            "limit_seed": limit_seed if limit else None,
+            "reencode": reencode,
+            "verify": verify,
+        },
+        # Questions are sorted by id and VQAv2 ids group by image: a small LRU reads each once.
+        reader=ImageReader(reencode=reencode, verify=verify),
+        shard_samples=shard_samples,
+        shard_bytes=shard_bytes,
+        skip_missing=skip_missing,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    return {name: path}
