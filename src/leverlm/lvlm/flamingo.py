@@ -1,0 +1,560 @@
+"""OpenFlamingo adapter (the paper's OpenFlamingo-v2 3B/9B), via the optional ``open_flamingo``.
+
+``open_flamingo`` pins torch 2.0.1 in its metadata, so it is an optional extra installed
+without its dependencies::
+
+    pip install --no-deps open-flamingo==2.0.1 einops einops-exts
+
+Prompt (OpenFlamingo's format): each ICD ``<image>{icd text}<|endofchunk|>``, joined by
+``task.icd_join``; the query ``<image>{query text}``. Each text token cross-attends to the
+latest ``<image>`` before it (gated cross-attention every ``cross_attn_every_n_layers``).
+
+Loading (:func:`load`): a folder with ``flamingo.json`` holding the arguments of
+``open_flamingo.create_model_and_transforms`` plus the Flamingo ``checkpoint`` file; relative
+paths are resolved against the folder, and loader keyword arguments override the file. For
+OpenFlamingo-9B (``openflamingo/OpenFlamingo-9B-vitl-mpt7b``), with everything downloaded
+beforehand::
+
+    {"clip_vision_encoder_path": "ViT-L-14",
+     "clip_vision_encoder_pretrained": "/models/clip/ViT-L-14-openai.pt",
+     "lang_encoder_path": "/models/mpt-7b", "tokenizer_path": "/models/mpt-7b",
+     "cross_attn_every_n_layers": 4, "checkpoint": "checkpoint.pt"}
+
+(3B: ``ViT-L-14`` + ``mpt-1b-redpajama-200b``, ``cross_attn_every_n_layers`` 1.)
+``clip_vision_encoder_path`` may also be an open_clip ``local-dir:`` folder.
+
+Compatibility with transformers 5 (this environment has 5.x and torch 2.x):
+
+* ``Flamingo.forward`` passes ``past_key_values=`` to the LM (deprecated in transformers 5,
+  removed in 5.40): this adapter never calls it - it conditions the layers itself;
+* ``Flamingo.generate`` fails when a batch has no padding: transformers 5's ``generate``
+  drops an all-ones ``attention_mask`` and ``FlamingoLMMixin.forward(input_ids,
+  attention_mask, **kw)`` requires it positionally (``TypeError: missing 1 required positional
+  argument: 'attention_mask'``); :func:`create_flamingo` patches the LM instance so the mask
+  defaults to ``None``;
+* the MPT language models of the released checkpoints are remote code (``trust_remote_code``)
+  written for transformers 4.x; whether they still load under 5.x could not be checked here
+  (no weights offline). A Llama/OPT/GPT-NeoX LM works (the tiny model is a Llama).
+
+Fast scoring path, checked against :meth:`~leverlm.lvlm.base.LVLM.score_reference`:
+
+* perceiver latents once per distinct image (no media-time embeddings in OpenFlamingo, so an
+  image's latents do not depend on the other images of the prompt), LRU-cached;
+* the LM body alone for hidden states, ``lm_head`` only at answer positions, right padding;
+* the shared prefix (instruction + ICDs, ``order=right``) encoded once with its KV cache. The
+  suffix starts at the new ICD's ``<image>``, so its tokens cross-attend only to the suffix's
+  own images, numbered from the suffix start (the prefix's images stay in the KV cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from leverlm.lvlm.base import (
+    LVLM,
+    EncodedPrompt,
+    LVLMError,
+    PromptImage,
+    Sample,
+    ScoreResult,
+    TokenizerInfo,
+    answer_token_logprobs,
+    check_checkpoint_dir,
+    expand_kv_cache,
+    kv_cache_tensors,
+    pad_left,
+    pad_right,
+    resolve_dtype,
+    span_mask,
+)
+from leverlm.tasks import Task
+
+#: the file in a Flamingo folder holding the ``create_model_and_transforms`` arguments.
+FLAMINGO_SPEC = "flamingo.json"
+
+INSTALL_HINT = "pip install --no-deps open-flamingo==2.0.1 einops einops-exts"
+
+MEDIA_TOKEN = "<image>"
+END_OF_CHUNK = "<|endofchunk|>"
+
+_SPEC_KEYS = (
+    "clip_vision_encoder_path",
+    "clip_vision_encoder_pretrained",
+    "lang_encoder_path",
+    "tokenizer_path",
+    "cross_attn_every_n_layers",
+    "checkpoint",
+    "decoder_layers_attr_name",
+)
+
+
+def require_open_flamingo() -> Any:
+    """Import ``open_flamingo`` or raise an error naming the install command."""
+    try:
+        import open_flamingo
+    except ImportError as exc:
+        raise LVLMError(
+            f"model_type 'flamingo' needs the optional package open_flamingo ({exc}); "
+            f"install it with: {INSTALL_HINT}"
+        ) from exc
+    return open_flamingo
+
+
+class _OptionalMaskMixin:
+    """Gives ``FlamingoLMMixin.forward`` an optional ``attention_mask`` (transformers 5's
+    ``generate`` drops an all-ones mask; open_flamingo 2.0.1 requires it positionally)."""
+
+    def forward(self, input_ids: Any = None, attention_mask: Any = None, **kwargs: Any) -> Any:
+        return super().forward(input_ids, attention_mask, **kwargs)  # type: ignore[misc]
+
+
+def read_spec(folder: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``flamingo.json`` of ``folder`` (if any) updated with ``overrides``; checked for keys."""
+    folder = Path(folder)
+    spec: dict[str, Any] = {}
+    path = folder / FLAMINGO_SPEC
+    if path.is_file():
+        try:
+            spec = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise LVLMError(f"{str(path)!r} is not valid JSON: {exc}") from exc
+        if not isinstance(spec, dict):
+            raise LVLMError(f"{str(path)!r} must hold a JSON object")
+    spec.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(spec) - set(_SPEC_KEYS))
+    if unknown:
+        raise LVLMError(
+            f"unknown Flamingo setting(s) {unknown} in {str(path)!r}/arguments; "
+            f"known: {', '.join(_SPEC_KEYS)}"
+        )
+    required = ("clip_vision_encoder_path", "lang_encoder_path", "tokenizer_path")
+    missing = [k for k in required if not spec.get(k)]
+    if missing:
+        raise LVLMError(
+            f"Flamingo folder {str(folder)!r}: {FLAMINGO_SPEC} (or the loader arguments) must "
+            f"set {', '.join(missing)}"
+        )
+    return spec
+
+
+def _resolve(value: str | None, folder: Path) -> str | None:
+    """A path relative to the Flamingo folder (keeps names like ``ViT-L-14``/``openai``)."""
+    if not value:
+        return value
+    prefix = ""
+    if value.startswith("local-dir:"):
+        prefix, value = "local-dir:", value[len("local-dir:") :]
+    candidate = folder / value
+    if not Path(value).is_absolute() and candidate.exists():
+        value = str(candidate)
+    return prefix + value
+
+
+def create_flamingo(spec: dict[str, Any], folder: str | Path) -> tuple[Any, Any, Any]:
+    """``open_flamingo.create_model_and_transforms`` from a spec + the checkpoint, if named.
+
+    Returns ``(model, image_processor, tokenizer)``; the model is on the CPU in fp32.
+    """
+    open_flamingo = require_open_flamingo()
+    folder = Path(folder)
+    kw: dict[str, Any] = dict(
+        clip_vision_encoder_path=_resolve(spec["clip_vision_encoder_path"], folder),
+        clip_vision_encoder_pretrained=_resolve(spec.get("clip_vision_encoder_pretrained"), folder),
+        lang_encoder_path=_resolve(spec["lang_encoder_path"], folder),
+        tokenizer_path=_resolve(spec["tokenizer_path"], folder),
+        cross_attn_every_n_layers=int(spec.get("cross_attn_every_n_layers", 1)),
+        use_local_files=True,
+    )
+    if spec.get("decoder_layers_attr_name"):
+        kw["decoder_layers_attr_name"] = spec["decoder_layers_attr_name"]
+    for key in ("lang_encoder_path", "tokenizer_path"):
+        if not Path(kw[key]).is_dir():
+            raise LVLMError(f"Flamingo {key} {kw[key]!r} is not a folder")
+    # create_model_and_transforms print()s a parameter count: keep stdout clean.
+    with contextlib.redirect_stdout(io.StringIO()):
+        model, image_processor, tokenizer = open_flamingo.create_model_and_transforms(**kw)
+    from open_flamingo.src.utils import extend_instance
+
+    extend_instance(model.lang_encoder, _OptionalMaskMixin)
+    ckpt = _resolve(spec.get("checkpoint"), folder)
+    if ckpt:
+        _load_checkpoint(model, Path(ckpt))
+    return model, image_processor, tokenizer
+
+
+def _load_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    """Load a Flamingo ``checkpoint.pt`` (a state dict of at least the trained modules)."""
+    if not path.is_file():
+        raise LVLMError(f"Flamingo checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors of a corrupt file
+        raise LVLMError(f"cannot read Flamingo checkpoint {str(path)!r}: {exc}") from exc
+    if isinstance(state, dict) and "model_state_dict" in state:
+        state = state["model_state_dict"]
+    if not isinstance(state, dict):
+        raise LVLMError(f"Flamingo checkpoint {str(path)!r} does not hold a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise LVLMError(
+            f"Flamingo checkpoint {str(path)!r} has keys the model lacks: "
+            f"{result.unexpected_keys[:5]} (wrong cross_attn_every_n_layers or LM?)"
+        )
+    # The released checkpoints hold only the trained modules; the frozen vision encoder and
+    # LM come from their own files. Perceiver and cross-attention weights must be there.
+    trained = [
+        k for k in result.missing_keys if k.startswith("perceiver.") or "gated_cross_attn" in k
+    ]
+    if trained:
+        raise LVLMError(
+            f"Flamingo checkpoint {str(path)!r} misses trained weights, e.g. {trained[:5]}"
+        )
+
+
+class FlamingoLVLM(LVLM):
+    """OpenFlamingo behind the LVLM protocol (see the module docstring)."""
+
+    model_type = "flamingo"
+    image_text = MEDIA_TOKEN
+    icd_end_text = END_OF_CHUNK
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        image_processor: Any,
+        tokenizer: Any,
+        task: Task,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        image_cache_size: int = 4096,
+        vision_batch_size: int = 16,
+        prefix_cache_size: int = 4,
+    ) -> None:
+        """Wrap a loaded Flamingo (see :func:`load`).
+
+        Args:
+            image_processor: open_clip's image transform (PIL image -> ``[3, H, W]``).
+            vision_batch_size: images per vision-tower forward when filling the feature cache.
+            prefix_cache_size: shared-prefix KV caches kept (LRU) across calls.
+        """
+        lm = model.lang_encoder
+        super().__init__(
+            model,
+            tokenizer,
+            task,
+            device=device,
+            dtype=dtype,
+            max_length=int(getattr(lm.config, "max_position_embeddings", 0) or 0) or None,
+            image_cache_size=image_cache_size,
+        )
+        self.image_processor = image_processor
+        self.media_token_id = int(model.media_token_id)
+        self.eoc_token_id = int(model.eoc_token_id)
+        if vision_batch_size < 1:
+            raise LVLMError(f"vision_batch_size must be >= 1, got {vision_batch_size}")
+        self.vision_batch_size = vision_batch_size
+        self._prefix_cache: OrderedDict[tuple, list] = OrderedDict()
+        self._prefix_cache_size = prefix_cache_size
+
+    # -- tokenizer --------------------------------------------------------------------------
+    def tokenizer_info(self) -> TokenizerInfo:
+        """BOS only if the tokenizer itself prepends one (GPT-NeoX/MPT tokenizers do not)."""
+        info = super().tokenizer_info()
+        info.bos_ids = _prepended_ids(self.tokenizer)
+        return info
+
+    def bos_text(self) -> str:
+        return ""  # the first chunk starts the text (see HFInterleavedLVLM.bos_text)
+
+    @property
+    def lm(self) -> torch.nn.Module:
+        return self.model.lang_encoder
+
+    def _layers(self) -> list[torch.nn.Module]:
+        return list(self.lm._get_decoder_layers())
+
+    # -- images -----------------------------------------------------------------------------
+    def _pixels(self, images: Sequence[PromptImage]) -> torch.Tensor:
+        """``[N, 3, H, W]`` through open_clip's transform, in the model's dtype."""
+        dtype = next(self.model.parameters()).dtype
+        return torch.stack([self.image_processor(im.image) for im in images]).to(self.device, dtype)
+
+    def _compute_features(self, images: list[PromptImage]) -> list[torch.Tensor]:
+        """Perceiver latents ``[n_latents, d]`` of each image (as ``_encode_vision_x``)."""
+        out: list[torch.Tensor] = []
+        for start in range(0, len(images), self.vision_batch_size):
+            pixels = self._pixels(images[start : start + self.vision_batch_size])
+            tokens = self.model.vision_encoder(pixels)[1]  # [n, v, d]
+            latents = self.model.perceiver(tokens[:, None, None])  # [n, 1, n_latents, d]
+            out.extend(latents[:, 0].unbind(0))
+        return out
+
+    def _vis_x(self, rows: Sequence[Sequence[PromptImage]]) -> torch.Tensor:
+        """``[B, N, n_latents, d]`` cached latents of each row's images, zero-padded."""
+        flat = [im for row in rows for im in row]
+        n = max(1, max((len(r) for r in rows), default=0))
+        if not flat:
+            d = self.model.vis_dim
+            latents = self.model.perceiver.latents
+            return latents.new_zeros(len(rows), n, latents.shape[0], d)
+        feats = self.feature_cache.get(flat, self._compute_features)
+        out = feats[0].new_zeros(len(rows), n, *feats[0].shape)
+        i = 0
+        for b, row in enumerate(rows):
+            if row:
+                out[b, : len(row)] = torch.stack(feats[i : i + len(row)])
+                i += len(row)
+        return out
+
+    def _condition(self, vis_x: torch.Tensor, media_locations: torch.Tensor) -> None:
+        for layer in self._layers():
+            layer.condition_vis_x(vis_x)
+            layer.condition_media_locations(media_locations)
+            layer.condition_use_cached_media(False)
+
+    # -- reference --------------------------------------------------------------------------
+    def reference_logits(self, enc: EncodedPrompt) -> torch.Tensor:
+        """``Flamingo.forward`` of one prompt on raw pixels (full logits), without its
+        deprecated ``past_key_values`` argument: encode the images, condition, run the LM."""
+        ids = torch.tensor([enc.input_ids], device=self.device)
+        if enc.images:
+            vision_x = self._pixels(enc.images)[None, :, None]  # [1, T, F=1, 3, H, W]
+            self.model._encode_vision_x(vision_x=vision_x)
+        else:
+            self._condition(self._vis_x([[]]), ids == self.media_token_id)
+        self.model._condition_media_locations(input_ids=ids)
+        try:
+            out = self.lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        finally:
+            self.lm.clear_conditioned_layers()
+        return out.logits[0]
+
+    # -- fast scoring -----------------------------------------------------------------------
+    def _hidden(
+        self,
+        ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        vis_x: torch.Tensor,
+        media_locations: torch.Tensor,
+        cache: Any = None,
+    ) -> torch.Tensor:
+        self._condition(vis_x, media_locations)
+        try:
+            return self.lm.base_model(
+                input_ids=ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=cache is not None,
+            ).last_hidden_state
+        finally:
+            self.lm.clear_conditioned_layers()
+
+    def score(self, icd_seqs: Sequence[Sequence[Sample]], queries: Sequence[Sample]) -> ScoreResult:
+        """Answer log-likelihoods, fast path: cached latents, answer-only logits."""
+        encs = self.encode_pairs(icd_seqs, queries)
+        if not encs:
+            return ScoreResult.cat([])
+        with torch.inference_mode(), self.autocast():
+            return self._score_encoded(encs)
+
+    def _score_encoded(self, encs: Sequence[EncodedPrompt]) -> ScoreResult:
+        ids, attn = pad_right([e.input_ids for e in encs], self.tok.pad_id, self.device)
+        positions = torch.arange(ids.shape[1], device=self.device)[None].expand(len(encs), -1)
+        hidden = self._hidden(
+            ids, attn, positions, self._vis_x([e.images for e in encs]), ids == self.media_token_id
+        )
+        starts = torch.tensor([e.answer_start for e in encs], device=self.device)
+        answer_mask = span_mask(starts, attn.sum(-1), ids.shape[1])
+        lp = answer_token_logprobs(hidden, ids, answer_mask, self.lm.get_output_embeddings())
+        return ScoreResult.from_token_logprobs(lp, answer_mask).to("cpu")
+
+    def score_with_prefix(
+        self,
+        prefix_icds: Sequence[Sample],
+        suffix_icd_seqs: Sequence[Sequence[Sample]],
+        queries: Sequence[Sample],
+    ) -> ScoreResult:
+        """Score ``prefix_icds + suffix`` per row; instruction + prefix ICDs are encoded once."""
+        if len(suffix_icd_seqs) != len(queries):
+            raise LVLMError(
+                f"got {len(suffix_icd_seqs)} suffix ICD sequences but {len(queries)} queries"
+            )
+        if not prefix_icds:
+            return self.score(suffix_icd_seqs, queries)
+        encs = []
+        for suffix, query in zip(suffix_icd_seqs, queries, strict=True):
+            enc = self.encode(
+                self.build_prompt(list(prefix_icds) + list(suffix), query),
+                split_image=len(prefix_icds),
+            )
+            if enc.num_answer_tokens == 0:
+                raise LVLMError(f"query {enc.query_key!r} has an answer with no tokens")
+            self.check_length(enc)
+            encs.append(enc)
+        if not encs:
+            return ScoreResult.cat([])
+        p, k = encs[0].prefix_len, encs[0].prefix_images
+        prefix_ids = encs[0].input_ids[:p]
+        with torch.inference_mode(), self.autocast():
+            # The suffix must start at the new image's <image>: its tokens then see only the
+            # suffix's images (cross-attention goes to the latest image before a token).
+            if (
+                p == 0
+                or any(e.prefix_len != p or e.input_ids[:p] != prefix_ids for e in encs)
+                or any(e.input_ids[p] != self.media_token_id for e in encs)
+            ):
+                return self._score_encoded(encs)
+            prefix_kv = self._encode_prefix(encs[0], p, k)
+            return self._score_suffixes(encs, p, k, prefix_kv)
+
+    def _encode_prefix(self, enc: EncodedPrompt, p: int, k: int) -> list:
+        """KV cache of tokens ``:p`` (with the first ``k`` images), LRU-cached across calls."""
+        images = enc.images[:k]
+        key = (tuple(enc.input_ids[:p]), tuple(im.ident for im in images))
+        hit = self._prefix_cache.get(key)
+        if hit is not None:
+            self._prefix_cache.move_to_end(key)
+            return hit
+        from transformers import DynamicCache
+
+        ids = torch.tensor([enc.input_ids[:p]], device=self.device)
+        cache = DynamicCache(config=self.lm.config)
+        self._hidden(
+            ids,
+            torch.ones_like(ids),
+            torch.arange(p, device=self.device)[None],
+            self._vis_x([images]),
+            ids == self.media_token_id,
+            cache=cache,
+        )
+        kv = kv_cache_tensors(cache)
+        self._prefix_cache[key] = kv
+        if len(self._prefix_cache) > self._prefix_cache_size:
+            self._prefix_cache.popitem(last=False)
+        return kv
+
+    def _score_suffixes(
+        self, encs: Sequence[EncodedPrompt], p: int, k: int, prefix_kv: list
+    ) -> ScoreResult:
+        b = len(encs)
+        ids, attn = pad_right([e.input_ids[p:] for e in encs], self.tok.pad_id, self.device)
+        rows = [list(e.images[k:]) for e in encs]
+        media = ids == self.media_token_id
+        positions = p + torch.arange(ids.shape[1], device=self.device)[None].expand(b, -1)
+        hidden = self._hidden(
+            ids,
+            torch.cat([attn.new_ones(b, p), attn], dim=1),
+            positions,
+            self._vis_x(rows),
+            media,
+            cache=expand_kv_cache(prefix_kv, b, self.lm.config),
+        )
+        starts = torch.tensor([e.answer_start - p for e in encs], device=self.device)
+        answer_mask = span_mask(starts, attn.sum(-1), ids.shape[1])
+        lp = answer_token_logprobs(hidden, ids, answer_mask, self.lm.get_output_embeddings())
+        return ScoreResult.from_token_logprobs(lp, answer_mask).to("cpu")
+
+    # -- generation -------------------------------------------------------------------------
+    def generate(
+        self,
+        icd_seqs: Sequence[Sequence[Sample]],
+        queries: Sequence[Sample],
+        **generation_kwargs: Any,
+    ) -> list[str]:
+        """``Flamingo.generate`` with cached latents: left padding, the task's settings,
+        generation stops at ``<|endofchunk|>`` (OpenFlamingo's convention), post-processed."""
+        kw = self.generation_kwargs(**generation_kwargs)
+        encs = self.encode_pairs(
+            icd_seqs, queries, with_answer=False, extra_tokens=int(kw["max_new_tokens"])
+        )
+        if not encs:
+            return []
+        ids, attn = pad_left([e.input_ids for e in encs], self.tok.pad_id, self.device)
+        beams = int(kw.get("num_beams", 1))
+        kw.setdefault("eos_token_id", self.eoc_token_id)
+        kw.setdefault("bad_words_ids", [[self.media_token_id]])
+        with torch.inference_mode(), self.autocast():
+            vis_x = self._vis_x([e.images for e in encs])
+            if beams > 1:
+                vis_x = vis_x.repeat_interleave(beams, dim=0)
+            # What Flamingo.generate does after _encode_vision_x: the LM reuses the
+            # conditioned images while it generates token by token.
+            for layer in self._layers():
+                layer.condition_vis_x(vis_x)
+            self.lm._use_cached_vision_x = True
+            try:
+                out = self.lm.generate(
+                    input_ids=ids,
+                    attention_mask=attn,
+                    pad_token_id=self.tok.pad_id,
+                    do_sample=False,
+                    **kw,
+                )
+            finally:
+                self.lm.clear_conditioned_layers()
+                self.lm._use_cached_vision_x = False
+        texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        return [self.task.postprocess(t) for t in texts]
+
+
+def _prepended_ids(tokenizer: Any) -> list[int]:
+    """The ids a tokenizer puts before a text when adding special tokens (its BOS, if any)."""
+    probe = "a"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe)["input_ids"])
+    for cut in range(len(full) - len(plain) + 1):
+        if full[cut : cut + len(plain)] == plain:
+            return full[:cut]
+    return []
+
+
+def load(
+    model_type: str,
+    path: str,
+    task: Task,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+    image_cache_size: int = 4096,
+    **kwargs: Any,
+) -> FlamingoLVLM:
+    """Load OpenFlamingo from a folder (``flamingo.json`` + checkpoint), frozen, on ``device``.
+
+    ``kwargs``: Flamingo settings overriding ``flamingo.json`` (``clip_vision_encoder_path``,
+    ``clip_vision_encoder_pretrained``, ``lang_encoder_path``, ``tokenizer_path``,
+    ``cross_attn_every_n_layers``, ``checkpoint``, ``decoder_layers_attr_name``) and adapter
+    options (``vision_batch_size``, ``prefix_cache_size``). ``attn_implementation`` is not
+    supported (open_flamingo builds the LM itself).
+    """
+    if model_type != "flamingo":
+        raise LVLMError(f"the OpenFlamingo adapter cannot load model_type {model_type!r}")
+    if attn_implementation:
+        raise LVLMError("model_type 'flamingo' does not take attn_implementation")
+    require_open_flamingo()
+    folder = check_checkpoint_dir(path)
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _SPEC_KEYS}
+    spec = read_spec(folder, overrides)
+    model, image_processor, tokenizer = create_flamingo(spec, folder)
+    model = model.to(device=device, dtype=resolve_dtype(dtype))
+    return FlamingoLVLM(
+        model,
+        image_processor,
+        tokenizer,
+        task,
+        device=device,
+        dtype=dtype,
+        image_cache_size=image_cache_size,
+        **kwargs,
+    )
