@@ -135,3 +135,5 @@ def test_missing_open_flamingo_names_the_install_command(folder, monkeypatch):
         flamingo.require_open_flamingo()
     with pytest.raises(LVLMError, match="open_flamingo"):
         load_lvlm("flamingo", folder, "vqa")
+    with pytest.raises(ImportError):  # what callers skipping optional types catch
+        load_lvlm("flamingo", folder, "vqa")

@@ -96,12 +96,17 @@ _SPEC_KEYS = (
 )
 
 
+class OpenFlamingoMissing(LVLMError, ImportError):
+    """``open_flamingo`` is not installed (an :class:`LVLMError` and an ``ImportError``, so
+    callers that skip optional model types on ``ImportError`` skip it)."""
+
+
 def require_open_flamingo() -> Any:
-    """Import ``open_flamingo`` or raise an error naming the install command."""
+    """Import ``open_flamingo`` or raise :class:`OpenFlamingoMissing` naming the install command."""
     try:
         import open_flamingo
     except ImportError as exc:
-        raise LVLMError(
+        raise OpenFlamingoMissing(
             f"model_type 'flamingo' needs the optional package open_flamingo ({exc}); "
             f"install it with: {INSTALL_HINT}"
         ) from exc
