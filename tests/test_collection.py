@@ -303,3 +303,36 @@ def test_images_decode_to_rgb(tmp_path: Path) -> None:
     image = col[0]["image"]
     assert image.mode == "RGB" and image.getpixel((0, 0)) == (200, 200, 200)
     assert col.image_bytes(0) == buf.getvalue()
+
+
+def test_stale_temp_folders_of_dead_writers_are_reclaimed(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale, live, foreign = (tmp_path / f".c.tmp-{n}" for n in ("dead", "live", "other"))
+    for folder, owner in ((stale, f"{host} {dead.pid}"), (live, f"{host} {os.getpid()}")):
+        folder.mkdir()
+        (folder / ".owner").write_text(owner)
+        (folder / "shard-000000.tar").write_bytes(b"partial")
+    foreign.mkdir()
+    (foreign / ".owner").write_text(f"{host}-elsewhere {dead.pid}")
+    path = _write(tmp_path / "c", 3)
+    assert not stale.exists()
+    assert live.exists() and foreign.exists()  # a running writer / another host: untouched
+    assert not (path / ".owner").exists()
+    assert sorted(p.name for p in path.iterdir()) == [
+        "index.npy",
+        "keys.txt",
+        "manifest.json",
+        "shard-000000.tar",
+    ]
+
+
+def test_all_fields(tmp_path: Path) -> None:
+    col = Collection(_write(tmp_path / "c", 6))
+    assert col.all_fields() == [r.fields for r in caption_records(6)]

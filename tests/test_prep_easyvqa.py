@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import tarfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -270,3 +271,17 @@ def test_skip_missing_image(tmp_path: Path) -> None:
     assert (len(vqa), len(cap)) == (3, 2)
     assert vqa.manifest["skipped"]["count"] == 2 and cap.manifest["skipped"]["count"] == 1
     assert len(Collection(out["easyvqa-vqa-test"])) == 5
+
+
+def test_reencode_jpg(tmp_path: Path) -> None:
+    data = _tiny_data(tmp_path / "data")
+    out = prep_easyvqa(
+        tmp_path / "out", data_dir=data, splits=("test",), reencode="jpg", progress=False
+    )
+    cap = Collection(out["easyvqa-caption-test"])
+    assert cap.manifest["options"]["reencode"] == "jpg"
+    assert cap.image_bytes(0)[:2] == b"\xff\xd8"  # JPEG, not the source PNG
+    pixel = cap[0]["image"].getpixel((4, 4))
+    assert pixel[0] > 240 and pixel[1] < 15 and pixel[2] < 15  # still red, up to JPEG loss
+    with tarfile.open(cap.shard_paths()[0]) as tf:
+        assert tf.getnames()[0] == "easyvqa-test-i0000.jpg"

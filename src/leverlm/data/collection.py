@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import tarfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -239,6 +240,9 @@ class _TarfileShard:
             self._fh.close()
 
 
+_OWNER = ".owner"  # inside a temp folder: "host pid" of the writer, for stale-folder cleanup
+
+
 def _make_temp_dir(out_dir: Path) -> Path:
     """A fresh hidden folder beside ``out_dir`` (unlike mkdtemp's 0700, it honours the umask)."""
     for _ in range(100):
@@ -247,8 +251,40 @@ def _make_temp_dir(out_dir: Path) -> Path:
             tmp.mkdir()
         except FileExistsError:
             continue
+        (tmp / _OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         return tmp
     raise CollectionError(f"cannot create a temp folder beside {out_dir}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete temp folders of ``out_dir`` left by killed writers on this host; return them.
+
+    A folder counts as stale only if its owner file names this host and a process that no
+    longer exists, so a concurrent writer's folder is never touched.
+    """
+    out_dir = Path(out_dir)
+    removed = []
+    host = socket.gethostname()
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        try:
+            owner_host, pid = (tmp / _OWNER).read_text().split()
+            stale = owner_host == host and not _pid_alive(int(pid))
+        except (OSError, ValueError):
+            continue
+        if stale:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
 
 
 class CollectionWriter:
@@ -298,6 +334,8 @@ class CollectionWriter:
                 "(pass overwrite=True / --overwrite to replace it)"
             )
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        # A killed earlier run may have left a (possibly huge) temp folder: reclaim it.
+        remove_stale_temp_dirs(self.out_dir)
         self.tmp_dir = _make_temp_dir(self.out_dir)
         self._keys: list[str] = []
         self._seen: set[str] = set()
@@ -462,6 +500,7 @@ class CollectionWriter:
                 fh.write("\n")
                 fh.flush()
                 os.fsync(fh.fileno())
+            (self.tmp_dir / _OWNER).unlink()
             fsync_dir(self.tmp_dir)
             # Re-check at the last moment: another process may have written out_dir meanwhile.
             state = folder_state(self.out_dir)
@@ -728,6 +767,10 @@ class Collection:
         return json.loads(
             self._pread(int(row["shard"]), int(row["json_offset"]), int(row["json_size"]))
         )
+
+    def all_fields(self) -> list[dict[str, Any]]:
+        """The json fields of every sample, in position order (a fresh list each call)."""
+        return [self.fields(pos) for pos in range(len(self))]
 
     def image_bytes(self, pos: int) -> bytes:
         """The encoded image bytes exactly as stored."""
