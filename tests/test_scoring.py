@@ -129,3 +129,60 @@ def test_no_candidates_gives_empty_scores():
     got = score_candidates(lvlm, _samples(1), _samples(1, 50)[0], [])
     assert got.shape == (0,)
     assert all(kind == "encode" for kind, _ in lvlm.calls)
+
+
+# -- the benchmark's command line (it is run, not unit-timed; GPU options only parsed here) --
+
+
+def test_bench_scoring_arguments(capsys):
+    from leverlm.bench import parse_scoring_args
+
+    args = parse_scoring_args([])
+    assert args.models == ["idefics"] and args.orders == ["left", "right"]
+    assert (args.candidates, args.shots, args.batch_size) == (64, 2, 32)
+    gpu_argv = ["--device", "cuda", "--dtype", "bfloat16", "--config-size", "real"]
+    gpu = parse_scoring_args([*gpu_argv, "--peak-tflops", "989"])
+    assert (gpu.device, gpu.dtype, gpu.config_size, gpu.peak_tflops) == (
+        "cuda",
+        "bfloat16",
+        "real",
+        989.0,
+    )
+    assert gpu.image_size == (640, 480)
+    for bad, message in [
+        ("--orders left,up", "unknown order 'up'"),
+        ("--models idefics,llava", "unknown model type 'llava'"),
+        ("--candidates 0", "--candidates must be >= 1"),
+        ("--image-size 64", "--image-size must be WxH"),
+        ("--peak-tflops -1", "--peak-tflops must be > 0"),
+        ("--models qwen2_vl --config-size real", "--config-size real is available for: idefics"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_scoring_args(bad.split())
+        assert message in capsys.readouterr().err
+
+
+def test_bench_command_dispatch(capsys):
+    from leverlm.bench import main
+
+    assert main(["nosuch"]) == 2
+    assert "unknown bench 'nosuch'" in capsys.readouterr().err
+    assert main(["--help"]) == 0 and "scoring" in capsys.readouterr().out
+
+
+def test_bench_scoring_runs_end_to_end(capsys):
+    import json
+
+    from leverlm.cli import main
+
+    argv = "bench scoring --tiny-size test --candidates 3 --shots 1 --beams 2"
+    argv += " --reference-candidates 2 --image-size 48x40 --batch-size 2 --peak-tflops 1"
+    assert main(argv.split()) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [(r["model"], r["order"]) for r in lines] == [("idefics", "left"), ("idefics", "right")]
+    for r in lines:
+        assert r["bench"] == "scoring" and r["candidates"] == 3 and r["shots"] == 1
+        assert r["fast_per_s"] > 0 and r["reference_per_s"] > 0
+        assert r["ratio"] == pytest.approx(r["fast_per_s"] / r["reference_per_s"], rel=0.02)
+        assert r["max_abs_diff"] < 1e-4  # the bench also checks the fast path's numbers
+        assert 0 < r["peak_fraction"] < 1

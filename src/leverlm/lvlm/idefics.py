@@ -20,6 +20,7 @@ Fast scoring path (:meth:`IdeficsLVLM.score`, :meth:`IdeficsLVLM.score_with_pref
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -112,6 +113,9 @@ class IdeficsLVLM(LVLM):
                 f"the IDEFICS tokenizer has no {IMAGE_TOKEN!r}/{FAKE_TOKEN!r} special tokens"
             )
         self.vision_batch_size = vision_batch_size
+        # transformers renamed the forward's ``past_key_values`` to ``cache`` during 5.x.
+        params = inspect.signature(model.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         # prefix ids + image identities -> (per-layer KV of the prefix, its last image's feature)
         self._prefix_cache: OrderedDict[tuple, tuple[list, torch.Tensor | None]] = OrderedDict()
         self._prefix_cache_size = prefix_cache_size
@@ -265,8 +269,8 @@ class IdeficsLVLM(LVLM):
             attention_mask=torch.ones_like(ids),
             position_ids=torch.arange(ids.shape[1], device=self.device)[None],
             image_attention_mask=img_mask,
-            cache=cache,
             use_cache=True,
+            **{self._cache_kw: cache},
             **self._image_kwargs(feats),
         )
         result = (kv_cache_tensors(cache), feats[0, len(images) - 1] if images else None)
@@ -301,8 +305,8 @@ class IdeficsLVLM(LVLM):
             attention_mask=full_attn,
             position_ids=position_ids,
             image_attention_mask=img_mask,
-            cache=expand_kv_cache(prefix_kv, b, self.config),
             use_cache=True,
+            **{self._cache_kw: expand_kv_cache(prefix_kv, b, self.config)},
             **self._image_kwargs(feats),
         ).last_hidden_state
         starts = torch.tensor([e.answer_start - p for e in encs], device=self.device)
