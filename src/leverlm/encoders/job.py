@@ -405,8 +405,9 @@ def compute_features(
 ) -> Path:
     """Encode every sample of a collection into a feature store; return the store folder.
 
-    Resumes an interrupted build of the same features; returns at once when the store is
-    already complete. All inputs are checked before any work or write.
+    Resumes an interrupted build of the same features (rows come out byte-identical to an
+    uninterrupted run when the resumed job keeps the same ``batch_size``); returns at once when
+    the store is already complete. All inputs are checked before any work or write.
 
     Args:
         out_dir: the store folder; None for ``default_feature_dir(collection_path, model_name)``.
