@@ -172,6 +172,10 @@ def test_cli_prints_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
             r"annotations\[0\] \(id 500\): image_id 5 is not in 'images'",
         ),
         (
+            lambda raw: _edit(raw["captions"], lambda d: d["images"][0].update(id=True)),
+            r"images\[0\]: field 'id' must be int, got True",
+        ),
+        (
             lambda raw: (raw["images"] / "000000000007.jpg").unlink(),
             r"image not found: .*val2017/000000000007.jpg",
         ),
@@ -232,3 +236,16 @@ def _edit(path: Path, change) -> None:
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))
+
+
+def test_parse_size() -> None:
+    import argparse
+
+    from leverlm.data.prep.cli import parse_size
+
+    assert parse_size("4096") == 4096
+    assert parse_size("256M") == parse_size("256MiB") == 256 * 1024**2
+    assert parse_size("1.5k") == 1536 and parse_size("2g") == 2 * 1024**3
+    for bad in ("lots", "-1M", "0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_size(bad)

@@ -108,7 +108,9 @@ def decode_image(data: bytes) -> Image.Image:
         return im.convert("RGB")
 
 
-def make_sample(key: str, position: int, image: bytes, json_bytes: bytes, decode: bool = True):
+def make_sample(
+    key: str, position: int, image: bytes, json_bytes: bytes, decode: bool = True
+) -> dict[str, Any]:
     """The sample dict shared by random access and streaming.
 
     ``decode=False`` keeps the encoded image under ``image_bytes`` instead of ``image``.

@@ -127,11 +127,10 @@ def require(
         raise PrepError(f"{file}: {record_id}: missing field {field!r}")
     value = record[field]
     if kind is not None:
-        bad_bool = isinstance(value, bool) and bool not in (
-            kind if isinstance(kind, tuple) else (kind,)
-        )
-        if bad_bool or not isinstance(value, kind):
-            names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool subclasses int, but True is never a valid id or count
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = "/".join(k.__name__ for k in kinds)
             raise PrepError(f"{file}: {record_id}: field {field!r} must be {names}, got {value!r}")
     return value
 
