@@ -84,6 +84,41 @@ def write_gt(
     return path
 
 
+def write_vqa_collection(path: Path, n: int, seed: int = 0) -> Path:
+    """A tiny VQA collection (distinct solid-colour PNGs, one question each)."""
+    import io
+
+    from PIL import Image
+
+    from leverlm.data.collection import SampleRecord, write_collection
+
+    def png(i: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), ((i * 37 + seed) % 256, i * 91 % 256, i * 53 % 256)).save(
+            buf, "PNG"
+        )
+        return buf.getvalue()
+
+    records = [
+        SampleRecord(
+            key=f"q-{i:05d}",
+            image=png(i),
+            image_ext="png",
+            fields={
+                "question_id": i,
+                "image_id": 100 + i,
+                "question": f"what colour is square {i}?",
+                "answers": [f"colour {i % 3}"] * 10,
+                "answer": f"colour {i % 3}",
+                "answer_type": "other",
+                "question_type": "what colour",
+            },
+        )
+        for i in range(n)
+    ]
+    return write_collection(path, records, name=path.name, task="vqa", split="train")
+
+
 @dataclass
 class World:
     gt_dir: Path
@@ -92,6 +127,7 @@ class World:
     text: np.ndarray
     sequences: dict[int, list[list[int]]]
     num_icds: int
+    collection: Path | None = None
 
 
 def make_world(
@@ -103,8 +139,13 @@ def make_world(
     beams: int = 1,
     seed: int = 0,
     order: str = "left",
+    with_collection: bool = False,
 ) -> World:
-    """Random features and random distinct ICD sequences (never containing the anchor)."""
+    """Random features and random distinct ICD sequences (never containing the anchor).
+
+    ``with_collection`` also writes the supporting set as a tiny VQA collection (images and
+    questions) and records its path in the gt manifest.
+    """
     rng = np.random.default_rng(seed)
     image = rng.standard_normal((num_icds, dim)).astype(np.float16).astype(np.float32)
     text = rng.standard_normal((num_icds, dim)).astype(np.float16).astype(np.float32)
@@ -114,8 +155,9 @@ def make_world(
         pool = np.array([p for p in range(num_icds) if p != a])
         sequences[a] = [rng.choice(pool, size=shots, replace=False).tolist() for _ in range(beams)]
     store = write_store(root / "features", image, text)
-    gt = write_gt(root / "gt", sequences, num_icds, order=order)
-    return World(gt, store, image, text, sequences, num_icds)
+    coll = str(write_vqa_collection(root / "support", num_icds)) if with_collection else ""
+    gt = write_gt(root / "gt", sequences, num_icds, order=order, supporting_set=coll)
+    return World(gt, store, image, text, sequences, num_icds, Path(coll) if coll else None)
 
 
 # -- data tests ------------------------------------------------------------------------------

@@ -395,7 +395,7 @@ class LeverLM:
             if not coll:
                 raise ValueError(f"{path}: clip_trainable checkpoint without a supporting_set path")
             feats = encode_collection(
-                clip, info["clip_model"], coll, info.get("task"), config.icd_features, device
+                clip, info["clip_model"], coll, info.get("task"), config.icd_features
             )
             bank = FeatureBank(feats, device=device)
         elif info.get("feature_store"):
@@ -589,7 +589,6 @@ def main(argv: list[str] | None = None) -> int:
             args.queries,
             lm.info.get("task"),
             lm.model.config.query_features,
-            args.device,
             positions=positions,
         )
         qsource = None

@@ -81,6 +81,8 @@ class LeverLMModule(L.LightningModule):
             from leverlm.encoders import load_clip
 
             self.clip = load_clip(clip_model, clip_pretrained)
+            # load_clip returns eval mode; Lightning keeps submodule modes as they are
+            self.clip.train()
             feature_dim = int(self.clip.dim)
         elif feature_dim is None:
             if query_features or icd_features:

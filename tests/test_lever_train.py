@@ -1,0 +1,296 @@
+"""Training through ``leverlm train`` (LightningCLI): experiment configs, checkpoints, reload,
+the ``select`` CLI, the decoded-sequence table and the trainable-CLIP path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from test_lever_world import World, make_world, write_store
+
+from leverlm.lever.module import main as train_main
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = sorted(ROOT.glob("experiments/*/lever_*.yaml"))
+PAPER = (
+    "coco/lever_openflamingo.yaml",
+    "coco/lever_openflamingo_lstm.yaml",
+    "vqav2/lever_idefics.yaml",
+)
+
+
+def _print_config(args: list[str], capsys) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([*args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    return make_world(
+        tmp_path_factory.mktemp("world"), num_icds=24, num_anchors=12, beams=2, with_collection=True
+    )
+
+
+def test_there_are_experiment_configs():
+    names = {p.relative_to(ROOT / "experiments").as_posix() for p in EXPERIMENTS}
+    assert {
+        "coco/lever_openflamingo.yaml",
+        "vqav2/lever_idefics.yaml",
+        "easyvqa/lever_demo.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize(
+    "config", EXPERIMENTS, ids=lambda p: p.relative_to(ROOT / "experiments").as_posix()
+)
+def test_experiment_config_parses_and_runs_a_fast_dev_run(
+    config, world, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)  # loggers and checkpoints write under the working directory
+    args = ["fit", "--config", str(config), "--data.gt_dir", str(world.gt_dir)]
+    cfg = _print_config(args, capsys)
+    name = config.relative_to(ROOT / "experiments").as_posix()
+    if name in PAPER:  # the paper's training settings
+        assert cfg["model"]["lr"] == pytest.approx(1e-4)
+        assert cfg["model"]["weight_decay"] == pytest.approx(1e-3)
+        assert cfg["model"]["warmup_ratio"] == pytest.approx(0.05)
+        assert cfg["model"]["n_layer"] == 2 and cfg["model"]["n_embd"] == 512
+        assert cfg["data"]["batch_size"] == 64 and cfg["data"]["val_fraction"] == pytest.approx(0.1)
+        assert cfg["trainer"]["max_epochs"] == 20 and cfg["trainer"]["precision"] == "16-mixed"
+    if name.startswith("vqav2/"):
+        assert cfg["model"]["clip_trainable"] and cfg["model"]["normalize"]
+        assert cfg["model"]["query_features"] == ["image", "text"]
+    if name == "coco/lever_openflamingo.yaml":
+        assert not cfg["model"]["clip_trainable"] and not cfg["model"]["normalize"]
+        assert cfg["model"]["query_features"] == ["image"] and cfg["model"]["adapter"]
+    assert "query_features" not in cfg["data"]  # linked from the model, not set twice
+    run = [
+        *args,
+        "--trainer.fast_dev_run",
+        "1",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+    ]
+    run += [
+        "--data.batch_size",
+        "4",
+        "--data.num_workers",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    if cfg["model"]["clip_trainable"]:
+        run += ["--model.clip_model", "leverlm-tiny-clip", "--model.clip_pretrained", "null"]
+    else:
+        run += ["--data.features", str(world.store_dir)]
+    assert train_main(run) == 0
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    """A short real fit of the demo config (CSV logger), and a validate run from its checkpoint."""
+    out = tmp_path_factory.mktemp("fit")
+    demo = ROOT / "experiments/easyvqa/lever_demo.yaml"
+    args = [
+        "--config", str(demo), "--data.gt_dir", str(world.gt_dir), "--data.features",
+        str(world.store_dir), "--trainer.max_epochs", "3", "--data.batch_size", "8",
+        "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
+        "--trainer.enable_progress_bar", "false", "--model.n_embd", "32", "--model.n_head", "2",
+    ]  # fmt: skip
+    assert train_main(["fit", *args]) == 0
+    ckpts = sorted(out.rglob("*.ckpt"))
+    return out, ckpts, args
+
+
+def test_fit_writes_best_and_last_checkpoints_and_the_config(trained, world):
+    out, ckpts, args = trained
+    names = {p.name for p in ckpts}
+    assert "last.ckpt" in names and any(n.startswith("best-") for n in names)
+    saved = list(out.rglob("config.yaml"))
+    assert saved, "the resolved config is saved with the run"
+    cfg = yaml.safe_load(saved[0].read_text())
+    assert cfg["data"]["gt_dir"] == str(world.gt_dir) and cfg["model"]["n_embd"] == 32
+    metrics = (next(out.rglob("metrics.csv"))).read_text()
+    for key in ("train/loss", "val/loss", "val/next_icd_acc"):
+        assert key in metrics
+    ckpt = torch.load(
+        next(p for p in ckpts if p.name == "last.ckpt"), map_location="cpu", weights_only=True
+    )
+    hp = ckpt["hyper_parameters"]
+    assert hp["num_icds"] == world.num_icds and hp["feature_dim"] == 16
+    assert hp["feature_store"] == str(Path(world.store_dir).resolve())
+    assert hp["supporting_set"] == str(world.collection.resolve())
+    assert ckpt["leverlm_config"]["n_embd"] == 32
+    # validate from the checkpoint through the same CLI
+    assert (
+        train_main(["validate", *args, "--ckpt_path", str(out.rglob("last.ckpt").__next__())]) == 0
+    )
+
+
+def test_checkpoint_reload_gives_identical_selections(trained, world):
+    from leverlm.lever.generate import FeatureBank, LeverLM, greedy_decode
+    from leverlm.lever.module import LeverLMModule
+
+    _, ckpts, _ = trained
+    last = next(p for p in ckpts if p.name == "last.ckpt")
+    lm = LeverLM.from_checkpoint(last)  # features found through the checkpoint
+    queries = list(range(world.num_icds))
+    exclude = [[p] for p in queries]
+    first = lm.select(queries, shots=4, exclude=exclude)
+    again = LeverLM.from_checkpoint(last, features=str(world.store_dir)).select(
+        queries, shots=4, batch_size=5, exclude=exclude
+    )
+    assert first == again
+    # the same network straight from Lightning decodes the same
+    module = LeverLMModule.load_from_checkpoint(last, map_location="cpu").eval()
+    q = {m: torch.from_numpy(getattr(world, m)) for m in module.config.query_features}
+    bank = FeatureBank({m: getattr(world, m) for m in module.config.icd_features})
+    with torch.no_grad():
+        direct = greedy_decode(module.model, q, bank, 4, exclude=exclude).tolist()
+    assert direct == first
+    for q_pos, seq in zip(queries, first, strict=True):
+        assert len(set(seq)) == 4 and q_pos not in seq
+    # queries as feature tensors select the same as positions
+    as_feats = lm.select(
+        {m: getattr(world, m) for m in ("image", "text")}, shots=4, exclude=exclude
+    )
+    assert as_feats == first
+    with pytest.raises(ValueError, match="rows"):
+        bad = {m: getattr(world, m)[:5] for m in ("image", "text")}
+        LeverLM.from_checkpoint(last, features=bad)
+
+
+def test_select_cli_writes_keys_and_positions_atomically(trained, world, tmp_path):
+    from leverlm.data.collection import Collection
+    from leverlm.lever.generate import LeverLM
+    from leverlm.lever.generate import main as select_main
+
+    _, ckpts, _ = trained
+    last = str(next(p for p in ckpts if p.name == "last.ckpt"))
+    out = tmp_path / "selections.jsonl"
+    args = [
+        "--ckpt",
+        last,
+        "--queries",
+        str(world.collection),
+        "--query-features",
+        str(world.store_dir),
+    ]
+    assert select_main([*args, "--shots", "3", "--out", str(out), "--exclude-self"]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    keys = Collection(world.collection).keys
+    assert [x["query_key"] for x in lines] == keys
+    assert [x["query_position"] for x in lines] == list(range(len(keys)))
+    expected = LeverLM.from_checkpoint(last).select(
+        list(range(len(keys))), shots=3, exclude=[[p] for p in range(len(keys))]
+    )
+    assert [x["icd_positions"] for x in lines] == expected
+    # bad input fails before writing, and the existing output is left as it was
+    before = out.read_bytes()
+    with pytest.raises(SystemExit, match="--shots"):
+        select_main([*args, "--shots", "0", "--out", str(out)])
+    short = write_store(tmp_path / "short", world.image[:5], world.text[:5])
+    with pytest.raises(SystemExit, match="5 rows"):
+        select_main([*args[:-1], str(short), "--shots", "2", "--out", str(out)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        select_main(["--ckpt", last + ".missing", *args[2:], "--shots", "2", "--out", str(out)])
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["selections.jsonl", "short"]
+
+
+def test_validation_table_for_wandb(world, tmp_path, monkeypatch):
+    import lightning as L
+    from lightning.pytorch.loggers import WandbLogger
+
+    from leverlm.lever.data import LeverLMDataModule
+    from leverlm.lever.module import AutoWandbLogger, LeverLMModule
+
+    logged = []
+    monkeypatch.setattr(
+        WandbLogger,
+        "log_table",
+        lambda self, key, columns, data: logged.append((key, columns, data)),
+    )
+    dm = LeverLMDataModule(
+        str(world.gt_dir), features=str(world.store_dir), batch_size=8, val_fraction=0.25
+    )
+    module = LeverLMModule(
+        num_icds=world.num_icds, feature_dim=16, n_embd=32, n_head=2, table_rows=2,
+        feature_store=dm.feature_store_path, supporting_set=dm.supporting_set_path,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        max_epochs=1, logger=AutoWandbLogger(save_dir=str(tmp_path)), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    assert len(logged) == 1
+    key, columns, data = logged[0]
+    assert key == "val/decoded" and len(data) == 2
+    row = dict(zip(columns, data[0], strict=True))
+    import wandb
+
+    assert isinstance(row["query_image"], wandb.Image)
+    assert len(row["decoded_icds"]) == 2 and len(row["decoded_images"]) == 2
+    assert row["query_position"] not in row["decoded_icds"]
+    assert row["gt_icds"] in [list(s) for s in world.sequences[row["query_position"]]]
+
+
+def test_trainable_clip_updates_clip_and_selects_with_it(world, tmp_path, monkeypatch):
+    from leverlm.encoders import load_clip
+    from leverlm.lever.generate import LeverLM
+    from leverlm.lever.generate import main as select_main
+
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "fit", "--data.gt_dir", str(world.gt_dir), "--model.clip_trainable", "true",
+        "--model.clip_model", "leverlm-tiny-clip", "--model.query_features", "[image, text]",
+        "--model.icd_features", "[image]", "--model.normalize", "true", "--model.n_embd", "32",
+        "--model.n_head", "2", "--model.lr", "1e-3", "--model.warmup_ratio", "0.0",
+        "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--data.batch_size", "4",
+        "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
+    ]  # fmt: skip
+    assert train_main(args) == 0
+    last = next(tmp_path.rglob("last.ckpt"))
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    fresh = load_clip("leverlm-tiny-clip", None).state_dict()
+    trained = {k[len("clip.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("clip.")}
+    assert trained.keys() == fresh.keys()
+    assert any(not torch.equal(trained[k], fresh[k]) for k in fresh), "CLIP was not trained"
+    lm = LeverLM.from_checkpoint(last)  # encodes the supporting set with the trained CLIP
+    assert lm.bank.num_rows == world.num_icds and set(lm.bank.features) == {"image"}
+    out = tmp_path / "sel.jsonl"
+    assert (
+        select_main(
+            [
+                "--ckpt",
+                str(last),
+                "--queries",
+                str(world.collection),
+                "--shots",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == world.num_icds and all(len(set(x["icd_positions"])) == 3 for x in lines)
+    # the CLI encoded the queries with the same CLIP the API uses
+    from leverlm.lever.generate import encode_collection
+
+    feats = encode_collection(
+        lm.clip, "leverlm-tiny-clip", world.collection, "vqa", ("image", "text")
+    )
+    assert [x["icd_positions"] for x in lines] == lm.select(feats, shots=3)
+    assert np.isfinite(feats["image"].numpy()).all()
