@@ -23,7 +23,7 @@ def test_official_captions_roundtrip(tmp_path: Path, year: int) -> None:
         tmp_path / "out", captions=raw["captions"], images=raw["images"], progress=False
     )
     name = f"coco{year}-val"
-    assert list(out) == [name] and out[name] == tmp_path / "out" / name
+    assert out == {name: tmp_path / "out"}  # --out is the collection folder
     col = Collection(out[name])
     expected = raw["expected"]
     assert (col.task, col.split, len(col)) == ("caption", "val", len(expected))
@@ -73,7 +73,7 @@ def test_limit_is_a_seeded_subset(tmp_path: Path) -> None:
 
     def ids(seed: int, name: str) -> list[int]:
         out = prep_coco(
-            tmp_path / "out",
+            tmp_path / name,
             captions=raw["captions"],
             images=raw["images"],
             limit=6,
@@ -113,7 +113,7 @@ def test_rerun_is_a_noop_and_changed_options_conflict(
     assert col.manifest["options"]["reencode"] == "png"
     assert col.image_bytes(0)[:8] == b"\x89PNG\r\n\x1a\n"
     assert col[0]["image"].size == (12, 10)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["coco2017-val"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]  # no temp/old folders
 
 
 def test_changed_source_is_a_different_collection(tmp_path: Path) -> None:
@@ -147,7 +147,7 @@ def test_cli_prints_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert leverlm_main(["prep", *argv]) == 0  # through the top-level dispatcher
     out = capsys.readouterr().out.strip().split("\t")
     assert out[:5] == ["coco-karpathy-test", "task=caption", "split=test", "samples=2", "shards=2"]
-    assert out[-1] == str(tmp_path / "out" / "coco-karpathy-test")
+    assert out[-1] == str(tmp_path / "out")
 
 
 @pytest.mark.parametrize(
@@ -249,3 +249,13 @@ def test_parse_size() -> None:
     for bad in ("lots", "-1M", "0"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_size(bad)
+
+
+def test_cli_annotations_alias(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = make_coco_official(tmp_path / "raw", year=2014, split="train")
+    argv = ["coco", "--annotations", str(raw["captions"]), "--images", str(raw["images"])]
+    assert main([*argv, "--out", str(tmp_path / "coco2014-train"), "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith(
+        "coco2014-train\ttask=caption\tsplit=train\tsamples=4"
+    )
+    assert Collection(tmp_path / "coco2014-train").name == "coco2014-train"

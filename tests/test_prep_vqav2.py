@@ -68,13 +68,14 @@ def test_limit_and_rerun(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     raw = make_vqav2(tmp_path / "raw")
     assert main(_argv(raw, tmp_path / "out", "--limit", "4", "--name", "small")) == 0
     first = capsys.readouterr().out
-    col = Collection(tmp_path / "out" / "small")
+    assert first.startswith("small\ttask=vqa\tsplit=val\tsamples=4\t")
+    col = Collection(tmp_path / "out")
     qids = [col.fields(i)["question_id"] for i in range(len(col))]
     assert len(qids) == 4 and qids == sorted(qids) and set(qids) <= set(raw["expected"])
-    manifest = (tmp_path / "out" / "small" / "manifest.json").read_bytes()
+    manifest = (tmp_path / "out" / "manifest.json").read_bytes()
     assert main(_argv(raw, tmp_path / "out", "--limit", "4", "--name", "small")) == 0
     assert capsys.readouterr().out == first
-    assert (tmp_path / "out" / "small" / "manifest.json").read_bytes() == manifest
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == manifest
 
 
 def _drop_annotation(d: dict) -> None:
@@ -161,7 +162,7 @@ def test_skip_missing(tmp_path: Path) -> None:
     raw = make_vqav2(tmp_path / "raw")
     (raw["images"] / "COCO_val2014_000000393225.jpg").unlink()
     assert main(_argv(raw, tmp_path / "out", "--skip-missing")) == 0
-    col = Collection(tmp_path / "out" / "vqav2-val")
+    col = Collection(tmp_path / "out")
     gone = [q for q, e in raw["expected"].items() if e["image_id"] == 393225]
     assert len(col) == len(raw["expected"]) - len(gone)
     assert col.manifest["skipped"]["count"] == len(gone)
@@ -172,18 +173,19 @@ def test_output_holding_another_collection(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     raw = make_vqav2(tmp_path / "raw")
-    assert main(_argv(raw, tmp_path / "out", "--name", "x")) == 0
-    before = {p.name: p.read_bytes() for p in (tmp_path / "out" / "x").iterdir()}
-    assert main(_argv(raw, tmp_path / "out", "--name", "x", "--limit", "2")) == 1
+    out = tmp_path / "out"
+    assert main(_argv(raw, out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(_argv(raw, out, "--limit", "2")) == 1
     assert "already holds a different collection" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in (tmp_path / "out" / "x").iterdir()} == before
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]  # no temp folders
     # a folder that is not a collection at all
-    (tmp_path / "out" / "y").mkdir()
-    (tmp_path / "out" / "y" / "notes.txt").write_text("mine")
-    assert main(_argv(raw, tmp_path / "out", "--name", "y")) == 1
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert main(_argv(raw, tmp_path / "mine")) == 1
     assert "exists and is not a collection" in capsys.readouterr().err
-    assert (tmp_path / "out" / "y" / "notes.txt").read_text() == "mine"
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 def test_subtype_from_filename_or_flag(tmp_path: Path) -> None:

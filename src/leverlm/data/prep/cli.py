@@ -1,6 +1,8 @@
 """``leverlm prep {coco,vqav2,easyvqa}``: write collections from the official raw files.
 
-Prints one summary line per collection on stdout (name, task, split, samples, skipped, path);
+``coco`` and ``vqav2`` write one collection at ``--out``; ``easyvqa`` writes four under
+``--out``. Prints one summary line per collection on stdout (name, task, split, samples,
+shards, skipped, path);
 progress and status go to stderr. Bad input exits with status 1 and a message naming the file,
 field and value; nothing half-written is left behind.
 """
@@ -33,10 +35,8 @@ def parse_size(text: str) -> int:
     return int(number * _UNITS[unit])
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--out", type=Path, required=True, help="root folder; each collection goes to OUT/NAME"
-    )
+def _common(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--out", type=Path, required=True, help=out_help)
     p.add_argument(
         "--limit", type=int, default=None, help="keep a seeded random subset of this many samples"
     )
@@ -78,7 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     coco = sub.add_parser("coco", help="COCO captions (official 2014/2017 JSON or Karpathy split)")
     src = coco.add_mutually_exclusive_group(required=True)
-    src.add_argument("--captions", type=Path, help="captions_{train,val}{2014,2017}.json")
+    src.add_argument(
+        "--captions",
+        "--annotations",
+        dest="captions",
+        type=Path,
+        help="official captions_{train,val}{2014,2017}.json",
+    )
     src.add_argument("--karpathy", type=Path, help="Karpathy dataset_coco.json")
     coco.add_argument(
         "--images",
@@ -88,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     coco.add_argument("--split", help="split (Karpathy: e.g. test or train+restval)")
     coco.add_argument("--name", help="collection name (default from the source and split)")
-    _common(coco)
+    _common(coco, "the collection folder to write")
 
     vqa = sub.add_parser("vqav2", help="VQAv2 questions + annotations + COCO images")
     vqa.add_argument(
@@ -101,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vqa.add_argument("--split", help="split name (default: subtype without the year)")
     vqa.add_argument("--name", help="collection name (default vqav2-SPLIT)")
-    _common(vqa)
+    _common(vqa, "the collection folder to write")
 
     easy = sub.add_parser("easyvqa", help="the embedded easy-vqa set: VQA + caption collections")
     easy.add_argument(
@@ -110,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     easy.add_argument(
         "--data-dir", type=Path, default=None, help="override the package's data folder"
     )
-    _common(easy)
+    _common(easy, "root folder: writes OUT/easyvqa-{vqa,caption}-{train,test}")
     return parser
 
 

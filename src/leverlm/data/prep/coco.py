@@ -119,7 +119,7 @@ def parse_karpathy(path: Path, splits: tuple[str, ...]) -> list[dict[str, Any]]:
 
 
 def prep_coco(
-    out_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
     *,
     images: str | os.PathLike,
     captions: str | os.PathLike | None = None,
@@ -136,7 +136,7 @@ def prep_coco(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Path]:
-    """Write a COCO caption collection under ``out_root``; return ``{name: path}``.
+    """Write a COCO caption collection at ``out_dir``; return ``{name: out_dir}``.
 
     Args:
         images: folder of the split's images (official files) or the COCO root (Karpathy).
@@ -144,7 +144,7 @@ def prep_coco(
         karpathy: the Karpathy ``dataset_coco.json``.
         split: official files: inferred from the file name, else required; Karpathy: required,
             e.g. ``test`` or ``train+restval``.
-        name: collection name / folder under ``out_root``; default ``coco{year}-{split}``
+        name: collection name (manifest, CLI summary); default ``coco{year}-{split}``
             (official) or ``coco-karpathy-{split}``.
         limit: keep a seeded (``limit_seed``) uniform subset of this many images.
     """
@@ -189,7 +189,7 @@ def prep_coco(
     say(f"{name}: {len(items)} images from {source}", progress)
     path = build_collection(
         items,
-        out_dir=Path(out_root) / name,
+        out_dir=Path(out_dir),
         name=name,
         task="caption",
         split=split,

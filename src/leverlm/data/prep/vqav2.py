@@ -120,7 +120,7 @@ def parse_vqav2(
 
 
 def prep_vqav2(
-    out_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
     *,
     questions: str | os.PathLike,
     annotations: str | os.PathLike,
@@ -138,14 +138,14 @@ def prep_vqav2(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Path]:
-    """Write a VQAv2 collection under ``out_root``; return ``{name: path}``.
+    """Write a VQAv2 collection at ``out_dir``; return ``{name: out_dir}``.
 
     Args:
         images: the folder of ``COCO_{subtype}_{image_id:012d}.jpg`` files.
         subtype: COCO image subtype (``train2014``/``val2014``); default: the files'
             ``data_subtype``, else their names.
         split: collection split; default: ``subtype`` without the year.
-        name: collection name / folder under ``out_root``; default ``vqav2-{split}``.
+        name: collection name (manifest, CLI summary); default ``vqav2-{split}``.
         limit: keep a seeded (``limit_seed``) uniform subset of this many questions.
     """
     check_common_options(
@@ -179,7 +179,7 @@ def prep_vqav2(
     say(f"{name}: {len(items)} questions from {questions_path}", progress)
     path = build_collection(
         items,
-        out_dir=Path(out_root) / name,
+        out_dir=Path(out_dir),
         name=name,
         task="vqa",
         split=split,
