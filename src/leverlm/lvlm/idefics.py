@@ -116,6 +116,7 @@ class IdeficsLVLM(LVLM):
         # transformers renamed the forward's ``past_key_values`` to ``cache`` during 5.x.
         params = inspect.signature(model.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._perceiver_4d = self.use_resampler and self._perceiver_wants_4d()
         # prefix ids + image identities -> (per-layer KV of the prefix, its last image's feature)
         self._prefix_cache: OrderedDict[tuple, tuple[list, torch.Tensor | None]] = OrderedDict()
         self._prefix_cache_size = prefix_cache_size
@@ -166,8 +167,28 @@ class IdeficsLVLM(LVLM):
 
     def _image_kwargs(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.use_resampler:
-            return {"perceiver_embeddings": feats.flatten(0, 1)}
+            return {"perceiver_embeddings": feats if self._perceiver_4d else feats.flatten(0, 1)}
         return {"image_encoder_embeddings": feats}
+
+    def _perceiver_wants_4d(self) -> bool:
+        """Which ``perceiver_embeddings`` layout this transformers version takes.
+
+        Older 5.x releases unpack ``[B, N, L, D]``; newer ones take ``[B * N, L, D]`` (and would
+        silently misread a 4-D tensor), so probe the 3-D form with a one-token forward.
+        """
+        ids = torch.tensor([[self.image_token_id]], device=self.device)
+        try:
+            with torch.inference_mode():
+                self.model.model(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    perceiver_embeddings=self._empty_feature()[None],
+                    image_attention_mask=torch.ones(1, 1, 1, dtype=torch.long, device=self.device),
+                    use_cache=False,
+                )
+        except ValueError:
+            return True
+        return False
 
     # -- reference --------------------------------------------------------------------------
     def reference_logits(self, enc: EncodedPrompt) -> torch.Tensor:
