@@ -99,7 +99,8 @@ def _greedy_reference(lvlm, icds, query, steps):
     with torch.inference_mode():
         for _ in range(steps):
             e = EncodedPrompt(ids, enc.images, len(ids), enc.query_key)
-            token = int(lvlm.reference_logits(e)[-1].argmax())
+            # the base vocabulary only: image placeholders are never generated
+            token = int(lvlm.reference_logits(e)[-1, : lvlm.config.vocab_size].argmax())
             if token == lvlm.tok.eos_id:
                 break
             ids.append(token)
@@ -120,6 +121,7 @@ def test_generate_with_task_settings(lvlm, samples):
     assert len(texts) == 2 and all(isinstance(t, str) and "\n" not in t for t in texts)
     ids = lvlm.generate_ids([samples[:2]], [samples[5]])  # paper: beams 3, 5 new tokens
     assert len(ids[0]) <= 5
+    assert all(t < lvlm.config.vocab_size for t in ids[0])  # no image placeholder tokens
 
 
 def test_prompt_longer_than_context_fails_before_work(lvlm, samples, monkeypatch):

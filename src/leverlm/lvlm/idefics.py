@@ -353,7 +353,10 @@ class IdeficsLVLM(LVLM):
         queries: Sequence[Sample],
         **generation_kwargs: Any,
     ) -> list[list[int]]:
-        """New token ids per query (up to, not including, EOS) from left-padded ``generate``."""
+        """New token ids per query (up to, not including, EOS) from left-padded ``generate``.
+
+        Only the base vocabulary is generated (never the image placeholder tokens).
+        """
         kw = self.generation_kwargs(**generation_kwargs)
         if int(kw.get("num_beams", 1)) == 1:
             kw.pop("length_penalty", None)  # only meaningful for beam search
@@ -382,6 +385,8 @@ class IdeficsLVLM(LVLM):
                 pixels[b, : len(e.images)] = pv[i : i + len(e.images)]
                 i += len(e.images)
         img_mask = image_attention_mask(ids, self.image_token_id, n)
+        if self.config.additional_vocab_size and "logits_processor" not in kw:
+            kw["logits_processor"] = _base_vocab_only(int(self.config.vocab_size))
         with torch.inference_mode(), self.autocast():
             out = self.model.generate(
                 input_ids=ids,
@@ -399,6 +404,22 @@ class IdeficsLVLM(LVLM):
                 row = row[: row.index(self.tok.eos_id)]
             result.append(row)
         return result
+
+
+def _base_vocab_only(vocab_size: int) -> Any:
+    """A logits processor that drops IDEFICS' additional vocabulary (the image placeholders).
+
+    Generated text never contains image placeholders; and some transformers 5.x releases
+    reshape beam-search scores with ``config.vocab_size``, which the decoupled extra logits
+    would break.
+    """
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class BaseVocabOnly(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            return scores[:, :vocab_size]
+
+    return LogitsProcessorList([BaseVocabOnly()])
 
 
 def load(
