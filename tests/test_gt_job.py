@@ -275,3 +275,129 @@ def test_progress_metrics_are_logged(world, tmp_path):
     for name in ("gt/anchors_per_s", "gt/anchors_done", "gt/score_mean", "gt/score_p90"):
         assert name in header
     assert len(metrics.read_text().splitlines()) == 1 + 3  # one row per anchor batch
+
+
+def test_limited_run_keeps_its_parts_and_a_rerun_finishes(world, tmp_path, caplog):
+    out = tmp_path / "limited"
+    with caplog.at_level("INFO", logger="leverlm.gt"):
+        assert _run(world.cfg, out, "--trainer.limit_predict_batches", "3") == 0
+    assert "8 of 11 anchors not done yet" in caplog.text
+    assert len(_part_records(out)) == 3 and not (out / "manifest.json").exists()
+    assert _run(world.cfg, out) == 0
+    assert _bytes(out) == _bytes(world.ref)
+
+
+# -- the shipped configs ----------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(ROOT.glob("experiments/*/gt_*.yaml"))
+PAPER = {
+    "data": {"num_anchors": 5000, "sampler": "random", "num_candidates": 64},
+    "model": {
+        "beam_size": 5,
+        "shots": 2,
+        "order": "left",
+        "ranking": "last",
+        "scorer": "infoscore",
+        "dtype": "bf16",
+        "candidate_batch_size": 32,
+    },
+}
+
+
+def _print_config(cfg: Path, capsys) -> dict:
+    import yaml
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--config", str(cfg), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_experiment_configs_pin_the_paper_settings(capsys):
+    names = {f"{p.parent.name}/{p.name}" for p in EXPERIMENTS}
+    assert names >= {
+        "coco/gt_idefics.yaml",
+        "coco/gt_openflamingo.yaml",
+        "vqav2/gt_idefics.yaml",
+        "vqav2/gt_openflamingo.yaml",
+    }
+    for path in EXPERIMENTS:
+        resolved = _print_config(path, capsys)
+        for section, values in PAPER.items():
+            for key, value in values.items():
+                assert resolved[section][key] == value, (path, section, key)
+        task = "caption" if path.parent.name == "coco" else "vqa"
+        assert resolved["model"]["task"].startswith(task), path
+
+
+def _collection_for(task: str, path: Path, n: int = 66) -> Path:
+    from leverlm.data.collection import SampleRecord, write_collection
+
+    words = ["a red shape on white", "a small blue circle", "two green squares", "a gray triangle"]
+    records = []
+    for i in range(n):
+        if task == "caption":
+            fields = {
+                "image_id": i,
+                "file_name": f"{i}.png",
+                "captions": [words[i % 4], words[(i + 1) % 4]],
+                "caption": words[i % 4],
+            }
+        else:
+            answer = ["red", "blue", "yes", "no"][i % 4]
+            fields = {
+                "question_id": i,
+                "image_id": i,
+                "question": "What color is the shape?",
+                "answers": [answer] * 10,
+                "answer": answer,
+                "answer_type": "other",
+                "question_type": "what",
+            }
+        records.append(SampleRecord(f"{task}-{i:06d}", _image(i), "png", fields))
+    return write_collection(path, records, name=f"tiny-{task}", task=task, split="train")
+
+
+@pytest.fixture(scope="module")
+def stand_ins(world):
+    """Tiny stand-ins for the experiment configs' placeholders (66 samples: K=64 fits)."""
+    from leverlm.lvlm.tiny import build_tiny
+
+    root = world.root / "stand_ins"
+    return SimpleNamespace(
+        caption=_collection_for("caption", root / "caption"),
+        vqa=_collection_for("vqa", root / "vqa"),
+        idefics=world.lvlm,
+        flamingo=build_tiny("flamingo", root / "flamingo", seed=0),
+    )
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_experiment_configs_run_on_tiny_stand_ins(config, stand_ins, tmp_path):
+    """Each experiment config runs as shipped, with only paths, device and size overridden."""
+    coll = stand_ins.caption if config.parent.name == "coco" else stand_ins.vqa
+    lvlm = stand_ins.flamingo if "openflamingo" in config.name else stand_ins.idefics
+    out = tmp_path / "out"
+    overrides = [
+        *("--data.collection", str(coll), "--model.path", str(lvlm)),
+        *("--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"),
+        *("--trainer.logger", "false", "--data.num_anchors", "1", "--data.num_workers", "0"),
+        *("--progress_bar", "false"),
+    ]
+    assert _run(config, out, *overrides) == 0
+    manifest, (record,) = read_gt(out)
+    assert manifest["beam_size"] == 5 and manifest["shots"] == 2 and manifest["order"] == "left"
+    assert len(record.sequences) == 5 and all(len(s) == 2 for s in record.sequences)
+
+
+def test_demo_config_runs_with_the_default_logger(world, tmp_path):
+    """conf/gt/easyvqa_tiny.yaml as the demo calls it (paths overridden), wandb disabled."""
+    out = tmp_path / "demo"
+    assert os.environ.get("WANDB_MODE") == "disabled"
+    overrides = ["--data.collection", str(world.coll), "--model.path", str(world.lvlm)]
+    cfg = ROOT / "conf" / "gt" / "easyvqa_tiny.yaml"
+    assert _run(cfg, out, *overrides, "--data.num_anchors", "4", "--progress_bar", "false") == 0
+    manifest, records = read_gt(out)
+    assert len(records) == 4 and manifest["config"]["data"]["num_candidates"] == 16
+    assert (out / "logs").is_dir()

@@ -375,9 +375,19 @@ class GtWriter(BasePredictionWriter):
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log.info("rank %d: wrote %d records", trainer.global_rank, self.written)
         trainer.strategy.barrier("gt-merge")
-        if trainer.is_global_zero:
-            merge(self.out)
-            log.info("gt dataset written to %s", self.out)
+        if not trainer.is_global_zero:
+            return
+        missing = set(self.header["anchors"]) - done_positions(self.out)
+        if missing:
+            # e.g. limit_predict_batches / fast_dev_run: what was done is kept for a rerun.
+            log.warning(
+                "%d of %d anchors not done yet; rerun the same command to finish and merge",
+                len(missing),
+                len(self.header["anchors"]),
+            )
+            return
+        merge(self.out)
+        log.info("gt dataset written to %s", self.out)
 
 
 def _summary(values: Sequence[float]) -> dict[str, float]:
@@ -615,10 +625,20 @@ class GtCLI(LightningCLI):
         parser.add_argument(
             "--progress_bar", type=bool, default=True, help="anchors/s progress bar on rank 0"
         )
+        parser.add_argument(
+            "--cpu_threads",
+            type=int | None,
+            default=None,
+            help="torch intra-op CPU threads (default: torch's choice); 1 suits tiny models",
+        )
         parser.set_defaults({"trainer.enable_progress_bar": False})
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
+        if cfg["cpu_threads"] is not None:
+            if cfg["cpu_threads"] < 1:
+                raise GtConfigError(f"cpu_threads={cfg['cpu_threads']} must be >= 1")
+            torch.set_num_threads(cfg["cpu_threads"])
         self.plan = plan_run(
             cfg["data"].as_dict(), cfg["model"].as_dict(), cfg["out"], cfg["overwrite"]
         )
