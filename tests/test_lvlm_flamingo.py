@@ -29,9 +29,16 @@ def folder(tmp_path_factory):
     return build_tiny("flamingo", tmp_path_factory.mktemp("tiny") / "flamingo", seed=0)
 
 
-@pytest.fixture(scope="module")
-def lvlm(folder):
-    return load_lvlm("flamingo", folder, get_task("vqa"))
+@pytest.fixture(scope="module", params=["llama", "mpt"])
+def lvlm(request, folder, tmp_path_factory):
+    """The tiny Flamingo with a Llama LM, and with an MPT LM (ALiBi, no BOS) like the 9B's."""
+    if request.param == "llama":
+        return load_lvlm("flamingo", folder, get_task("vqa"))
+    mpt = build_tiny("flamingo", tmp_path_factory.mktemp("tiny") / "flamingo-mpt", lm="mpt")
+    lvlm = load_lvlm("flamingo", mpt, get_task("vqa"))
+    assert type(lvlm.lm).__name__ == "MptForCausalLM" and lvlm.tok.bos_ids == []
+    assert lvlm.max_length == 4096
+    return lvlm
 
 
 @pytest.fixture(scope="module")

@@ -32,9 +32,12 @@ Compatibility with transformers 5 (this environment has 5.x and torch 2.x):
   attention_mask, **kw)`` requires it positionally (``TypeError: missing 1 required positional
   argument: 'attention_mask'``); :func:`create_flamingo` patches the LM instance so the mask
   defaults to ``None``;
-* the MPT language models of the released checkpoints are remote code (``trust_remote_code``)
-  written for transformers 4.x; whether they still load under 5.x could not be checked here
-  (no weights offline). A Llama/OPT/GPT-NeoX LM works (the tiny model is a Llama).
+* the MPT language models of the released checkpoints ship remote code (``auto_map`` in their
+  ``config.json``; open_flamingo loads with ``trust_remote_code=True``) written for
+  transformers 4.x, which could not be checked here (no weights offline). transformers' own
+  ``MptForCausalLM`` reads the same weight names and works with open_flamingo under
+  transformers 5 (tested on a tiny MPT): delete ``auto_map`` from the MPT folder's
+  ``config.json`` to use it. Llama-family LMs work as well (the default tiny model).
 
 Fast scoring path, checked against :meth:`~leverlm.lvlm.base.LVLM.score_reference`:
 
@@ -259,7 +262,7 @@ class FlamingoLVLM(LVLM):
             task,
             device=device,
             dtype=dtype,
-            max_length=int(getattr(lm.config, "max_position_embeddings", 0) or 0) or None,
+            max_length=_context_length(lm.config),
             image_cache_size=image_cache_size,
         )
         self.image_processor = image_processor
@@ -512,6 +515,15 @@ class FlamingoLVLM(LVLM):
                 self.lm._use_cached_vision_x = False
         texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         return [self.task.postprocess(t) for t in texts]
+
+
+def _context_length(config: Any) -> int | None:
+    """The LM's context limit (``max_seq_len`` for MPT), ``None`` when it declares none."""
+    for name in ("max_position_embeddings", "max_seq_len", "n_positions"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    return None
 
 
 def _prepended_ids(tokenizer: Any) -> list[int]:

@@ -476,42 +476,37 @@ def tiny_clip_config(size: str = "test") -> dict[str, Any]:
     }
 
 
-def build_tiny_flamingo(out_dir: str | Path, seed: int = 0, size: str = "test") -> Path:
+def build_tiny_flamingo(
+    out_dir: str | Path, seed: int = 0, size: str = "test", lm: str = "llama"
+) -> Path:
     """A tiny OpenFlamingo folder in the layout :func:`leverlm.lvlm.flamingo.load` reads.
 
     ``out_dir/``: ``flamingo.json`` (the ``create_model_and_transforms`` arguments),
     ``checkpoint.pt`` (the Flamingo state dict), ``clip/`` (an open_clip ``local-dir:``
-    folder: config + random weights) and ``lm/`` (a tiny Llama causal LM + its tokenizer with
+    folder: config + random weights) and ``lm/`` (a tiny causal LM + its tokenizer with
     ``<|endofchunk|>`` and ``<image>``). Needs the ``open_flamingo`` package.
+
+    Args:
+        lm: ``llama`` (Llama LM, Llama tokenizer with BOS) or ``mpt`` (transformers' native
+            ``MptForCausalLM`` with ALiBi and a byte-level tokenizer without BOS: the structure
+            of OpenFlamingo-3B/9B's MPT language models).
     """
     import torch
 
     from leverlm.lvlm.flamingo import FLAMINGO_SPEC, create_flamingo
-    from leverlm.lvlm.tiny import llama_tokenizer
 
     _check_size(size)
+    if lm not in ("llama", "mpt"):
+        raise ValueError(f"unknown tiny Flamingo language model {lm!r}; use 'llama' or 'mpt'")
 
     def write(folder: Path) -> None:
         import open_clip
         from safetensors.torch import save_file
-        from transformers import LlamaConfig, LlamaForCausalLM
 
         lm_dir, clip_dir = folder / "lm", folder / "clip"
         lm_dir.mkdir()
         clip_dir.mkdir()
-        tok = llama_tokenizer(
-            ["<|endofchunk|>", "<image>"], vocab_size=_vocab_size(size), add_bos_token=True
-        )
-        tok.save_pretrained(lm_dir)
-        _seeded(seed)
-        lm_config = LlamaConfig(
-            vocab_size=len(tok),
-            max_position_embeddings=4096,
-            tie_word_embeddings=False,
-            **_text_dims(size),
-            **_token_ids(tok),
-        )
-        LlamaForCausalLM(lm_config).save_pretrained(lm_dir)
+        _write_flamingo_lm(lm_dir, lm, size, seed)
         (clip_dir / "open_clip_config.json").write_text(
             json.dumps(tiny_clip_config(size), indent=2)
         )
@@ -537,6 +532,49 @@ def build_tiny_flamingo(out_dir: str | Path, seed: int = 0, size: str = "test") 
         (folder / FLAMINGO_SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
 
     return _build(out_dir, write)
+
+
+def _write_flamingo_lm(lm_dir: Path, lm: str, size: str, seed: int) -> None:
+    """The tiny language model + tokenizer folder that open_flamingo wraps."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MptConfig, MptForCausalLM
+
+    from leverlm.lvlm.tiny import llama_tokenizer
+
+    dims = _text_dims(size)
+    if lm == "llama":
+        tok = llama_tokenizer(
+            ["<|endofchunk|>", "<image>"], vocab_size=_vocab_size(size), add_bos_token=True
+        )
+        config: Any = LlamaConfig(
+            vocab_size=len(tok),
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            **dims,
+            **_token_ids(tok),
+        )
+        model_cls: Any = LlamaForCausalLM
+    else:
+        # GPT-NeoX-style tokenizer of MPT: byte-level, no BOS, <|endoftext|> ends and pads.
+        tok = byte_level_tokenizer(
+            ["<|endoftext|>", "<|endofchunk|>", "<image>"],
+            bos=None,
+            eos="<|endoftext|>",
+            pad="<|endoftext|>",
+            vocab_size=_vocab_size(size),
+        )
+        config = MptConfig(
+            d_model=dims["hidden_size"],
+            n_heads=dims["num_attention_heads"],
+            n_layers=dims["num_hidden_layers"],
+            expansion_ratio=dims["intermediate_size"] // dims["hidden_size"],
+            max_seq_len=4096,
+            vocab_size=len(tok),
+            **_token_ids(tok),
+        )
+        model_cls = MptForCausalLM
+    tok.save_pretrained(lm_dir)
+    _seeded(seed)
+    model_cls(config).save_pretrained(lm_dir)
 
 
 #: model_type -> builder ``(out_dir, seed=0, size="test") -> Path`` (see leverlm.lvlm.tiny).
