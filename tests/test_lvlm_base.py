@@ -146,3 +146,27 @@ def test_import_is_light():
     code = "import sys, leverlm, leverlm.lvlm; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_conf_lvlm_fragments_are_load_lvlm_arguments(tmp_path):
+    import inspect
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from leverlm.lvlm.tiny import build_tiny
+    from leverlm.tasks import get_task
+
+    folder = Path(__file__).resolve().parents[1] / "conf" / "lvlm"
+    files = sorted(folder.glob("*.yaml"))
+    assert files
+    params = set(inspect.signature(load_lvlm).parameters) - {"kwargs"}
+    for f in files:
+        cfg = OmegaConf.to_container(OmegaConf.load(f))
+        assert set(cfg) <= params, f"{f.name}: {sorted(set(cfg) - params)}"
+        assert cfg["model_type"] in known_model_types(), f.name
+        resolve_dtype(cfg["dtype"])
+        get_task(cfg["task"])
+    tiny = OmegaConf.to_container(OmegaConf.load(folder / "idefics-tiny.yaml"))
+    tiny["path"] = build_tiny("idefics", tmp_path / "tiny")
+    assert load_lvlm(**tiny).task.name == "vqa"
