@@ -174,6 +174,8 @@ def test_load_errors(tiny_dir, tmp_path):
         load_lvlm("idefics", empty, "vqa")
     with pytest.raises(LVLMError, match="does not exist"):
         load_lvlm("idefics", tmp_path / "missing", "vqa")
+    with pytest.raises(LVLMError, match="'nobody/no-such-model' is neither a local folder"):
+        load_lvlm("idefics", "nobody/no-such-model", "vqa")
     with pytest.raises(LVLMError, match="unknown dtype"):
         load_lvlm("idefics", tiny_dir, "vqa", dtype="int3")
 

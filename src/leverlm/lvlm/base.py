@@ -171,18 +171,27 @@ def load_lvlm(
     resolve_dtype(dtype)
     if image_cache_size < 0:
         raise LVLMError(f"image_cache_size must be >= 0, got {image_cache_size}")
-    if is_local_path(path):
+    local = is_local_path(path)
+    if local:
         path = check_checkpoint_dir(path)
-    return loader(
-        model_type=model_type,
-        path=str(path),
-        task=task,
-        dtype=dtype,
-        device=device,
-        attn_implementation=attn_implementation,
-        image_cache_size=image_cache_size,
-        **kwargs,
-    )
+    try:
+        return loader(
+            model_type=model_type,
+            path=str(path),
+            task=task,
+            dtype=dtype,
+            device=device,
+            attn_implementation=attn_implementation,
+            image_cache_size=image_cache_size,
+            **kwargs,
+        )
+    except OSError as err:
+        if local:
+            raise
+        raise LVLMError(
+            f"{str(path)!r} is neither a local folder nor a model in the local Hugging Face "
+            f"cache (runs are offline): {err}"
+        ) from err
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
