@@ -32,7 +32,7 @@ import contextlib
 import importlib
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -729,10 +729,6 @@ class LVLM(abc.ABC):
         if self.device.type != "cpu" and self.dtype != torch.float32:
             return torch.autocast(self.device.type, dtype=self.dtype)
         return contextlib.nullcontext()
-
-    def iter_batches(self, n: int, batch_size: int) -> Iterator[slice]:
-        for start in range(0, n, max(1, batch_size)):
-            yield slice(start, min(n, start + batch_size))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(task={self.task.name!r}, device={self.device}, dtype={self.dtype})"
