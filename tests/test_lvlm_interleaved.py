@@ -212,6 +212,10 @@ def test_generate(lvlms, samples, model_type):
     assert all(isinstance(s, str) and "\n" not in s for s in out)
     assert all(lvlm.task.postprocess(s) == s for s in out)
     assert lvlm.generate(icd_seqs, queries, max_new_tokens=4, num_beams=2) == out
+    # cached features via inputs_embeds == the model's generate on raw pixels
+    assert lvlm.generate_reference(icd_seqs, queries, max_new_tokens=4, num_beams=2) == out
+    greedy = lvlm.generate(icd_seqs, queries, max_new_tokens=4, num_beams=1)
+    assert lvlm.generate_reference(icd_seqs, queries, max_new_tokens=4, num_beams=1) == greedy
     # greedy, one row alone (no padding at all) also works
     assert len(lvlm.generate([samples[0:1]], [samples[5]], max_new_tokens=3, num_beams=1)) == 1
 

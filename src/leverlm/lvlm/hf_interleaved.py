@@ -29,7 +29,9 @@ pixels, one prompt at a time, full logits):
   of a token depend only on the tokens and image grids before it, so the suffix's positions
   are the full prompt's positions sliced after the prefix (:func:`mrope_position_ids`).
 
-Generation (:meth:`HFInterleavedLVLM.generate`) is the model's own ``generate`` on raw pixels.
+Generation (:meth:`HFInterleavedLVLM.generate`) is the model's own ``generate`` with the cached
+features written into ``inputs_embeds``; :meth:`HFInterleavedLVLM.generate_reference` runs it
+on raw pixels, and the two give the same text.
 """
 
 from __future__ import annotations
@@ -446,7 +448,30 @@ class HFInterleavedLVLM(LVLM):
         queries: Sequence[Sample],
         **generation_kwargs: Any,
     ) -> list[str]:
-        """Left-padded batched ``model.generate`` with the task's settings, post-processed."""
+        """Batched ``model.generate`` (left padding, the task's settings), post-processed.
+
+        The prompt enters as ``inputs_embeds`` with the cached vision features in place (the
+        ids go along for the model's bookkeeping, e.g. Qwen's M-RoPE positions), so images
+        shared across calls are encoded once. Equal to :meth:`generate_reference`.
+        """
+        return self._generate(icd_seqs, queries, False, generation_kwargs)
+
+    def generate_reference(
+        self,
+        icd_seqs: Sequence[Sequence[Sample]],
+        queries: Sequence[Sample],
+        **generation_kwargs: Any,
+    ) -> list[str]:
+        """The straightforward path: ``model.generate`` on ids + raw pixels, as documented."""
+        return self._generate(icd_seqs, queries, True, generation_kwargs)
+
+    def _generate(
+        self,
+        icd_seqs: Sequence[Sequence[Sample]],
+        queries: Sequence[Sample],
+        reference: bool,
+        generation_kwargs: dict[str, Any],
+    ) -> list[str]:
         kw = self.generation_kwargs(**generation_kwargs)
         encs = self.encode_pairs(
             icd_seqs, queries, with_answer=False, extra_tokens=int(kw["max_new_tokens"])
@@ -454,21 +479,31 @@ class HFInterleavedLVLM(LVLM):
         if not encs:
             return []
         ids, attn = pad_left([e.input_ids for e in encs], self.tok.pad_id, self.device)
+        rows = [e.images for e in encs]
         if self.bad_words_ids and "bad_words_ids" not in kw:
             kw["bad_words_ids"] = self.bad_words_ids
         with torch.inference_mode(), self.autocast():
+            if reference:
+                inputs = self._pixel_inputs(rows)
+            else:
+                embeds = self._embed(ids, rows, [e.query_key for e in encs])
+                inputs = {"inputs_embeds": embeds, **self._image_meta(rows)}
             out = self.model.generate(
                 input_ids=ids,
                 attention_mask=attn,
                 pad_token_id=self.tok.pad_id,
                 eos_token_id=self.tok.eos_id,
                 do_sample=False,
-                **self._pixel_inputs([e.images for e in encs]),
+                **inputs,
                 **self._extra_inputs(ids),
                 **kw,
             )
         texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         return [self.task.postprocess(t) for t in texts]
+
+    def _image_meta(self, rows: Sequence[Sequence[PromptImage]]) -> dict[str, torch.Tensor]:
+        """Non-pixel image inputs the model needs beside ``inputs_embeds`` (Qwen: grids)."""
+        return {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -602,6 +637,13 @@ class QwenVLLVLM(HFInterleavedLVLM):
             "pixel_values": data["pixel_values"].to(self.device, dtype=self.model.dtype),
             "image_grid_thw": data["image_grid_thw"].to(self.device),
         }
+
+    def _image_meta(self, rows: Sequence[Sequence[PromptImage]]) -> dict[str, torch.Tensor]:
+        # With the grids (and mm_token_type_ids) generate computes M-RoPE positions itself.
+        grids = [self._layouts_get(im) for row in rows for im in row]
+        if not grids:
+            return {}
+        return {"image_grid_thw": torch.tensor(grids, dtype=torch.long, device=self.device)}
 
     def _extra_inputs(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         # 1 marks image placeholders: the model derives M-RoPE positions from it.
