@@ -145,29 +145,65 @@ def test_cider_gain_scorer():
         for p in range(5)
     }
     query = {"__key__": "q", "position": 9, "captions": ["a dog runs"]}
-    generated = []
+    generated, tokenized, corpora = [], [], []
 
     def generate(icd_seqs, queries):
         assert all(q is query for q in queries)
         generated.append([tuple(s["position"] for s in seq) for seq in icd_seqs])
         # The caption names the ICDs, so the fake CIDEr can reward ICD 3 next to the query.
-        return [" ".join(f"icd{s['position']}" for s in seq) for seq in icd_seqs]
+        return [" ".join(f"ICD{s['position']}" for s in seq) for seq in icd_seqs]
 
-    corpora = []
+    def tokenize(captions):
+        tokenized.append(sorted(captions))
+        return {k: [c.lower() for c in v] for k, v in captions.items()}
 
     def cider_fn(preds, refs):
         corpora.append(sorted(refs))
+        assert refs["__anchor__"] == ["a dog runs"] and refs["ctx1"] == ["word1 thing"]
         return {
             k: (1.0 if v.endswith("icd3") else 0.0) + 0.1 * v.count("icd") for k, v in preds.items()
         }
 
     scorer = CiderGainScorer(
-        generate, query, samples, [1, 2, 3], order="right", batch_size=2, cider_fn=cider_fn
+        generate,
+        query,
+        samples,
+        [1, 2, 3],
+        order="right",
+        batch_size=2,
+        tokenize=tokenize,
+        cider_fn=cider_fn,
     )
+    assert tokenized == [["__anchor__", "ctx1", "ctx2", "ctx3"]]  # references: once per anchor
     scores = scorer((), [1, 2, 3])
     assert scores == pytest.approx([0.1, 0.1, 1.1])
-    assert generated[0] == [()] and generated[1:] == [[(1,), (2,)], [(3,)]]
+    # The "without" caption and the candidates' in batches of 2; one tokenizer call for all.
+    assert generated == [[(), (1,)], [(2,), (3,)]]
+    assert tokenized[1] == ["gen0", "gen1", "gen2", "gen3"]
     # The IDF corpus is the anchor + its candidates, the same in every call.
     assert all(c == ["__anchor__", "ctx1", "ctx2", "ctx3"] for c in corpora)
-    scorer((), [2])  # the "without" caption of a prefix is generated once
+    # right order: 1 goes next to the query, "icd3 icd1" no longer ends with icd3.
+    assert scorer((3,), [1]) == pytest.approx([0.2 - 1.1])
+    assert generated[-1] == [(3,), (3, 1)]
+    scorer((), [2])  # the "without" caption of a known prefix is not generated again
     assert generated[-1] == [(2,)]
+
+
+def test_cider_gain_with_the_real_metric():
+    """Default tokenizer + CIDEr: the caption matching the anchor's references gains."""
+    samples = {
+        1: {"captions": ["a red circle on white"]},
+        2: {"captions": ["a blue square in the corner"]},
+        3: {"captions": ["two green triangles"]},
+    }
+    query = {"captions": ["a red circle", "a small red circle on a white background"]}
+    by_icd = {1: "a red circle", 2: "a blue square", 3: "green things"}
+
+    def generate(icd_seqs, queries):
+        return [by_icd[seq[-1]["pos"]] if seq else "something" for seq in icd_seqs]
+
+    for p, s in samples.items():
+        s["pos"] = p
+    scorer = CiderGainScorer(generate, query, samples, [1, 2, 3], order="right")
+    gains = scorer((), [1, 2, 3])
+    assert gains[0] > gains[1] and gains[0] > gains[2] and gains[0] > 0

@@ -401,3 +401,62 @@ def test_demo_config_runs_with_the_default_logger(world, tmp_path):
     manifest, records = read_gt(out)
     assert len(records) == 4 and manifest["config"]["data"]["num_candidates"] == 16
     assert (out / "logs").is_dir()
+
+
+def test_anchor_batches_split_over_workers_exactly_once(world):
+    import torch
+
+    from leverlm.gt.job import AnchorBatches
+
+    anchors = select_anchors(NUM_SAMPLES, NUM_ANCHORS, seed=0)
+    kw = {"kind": "random", "k": 5, "seed": 3}
+    data = AnchorBatches(str(world.coll), anchors, anchors_per_batch=2, sampler_kwargs=kw)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=None, num_workers=2, collate_fn=lambda x: x
+    )
+    seen = []
+    sampler = RandomSampler(NUM_SAMPLES, 5, seed=3)
+    for batch in loader:
+        for anchor, cands in zip(batch["anchors"], batch["candidates"]):
+            seen.append(anchor["position"])
+            assert cands == sampler.sample([anchor["position"]])[0]
+            assert all(batch["samples"][p]["position"] == p for p in cands)
+            assert anchor["image"].size == (32, 32)
+    assert sorted(seen) == anchors
+
+
+def test_similarity_mix_sampler_in_the_job(world, tmp_path):
+    import numpy as np
+
+    from leverlm.gt.samplers import build_sampler
+
+    store = tmp_path / "store"
+    store.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("image", "text"):
+        np.save(store / f"{name}.npy", rng.standard_normal((NUM_SAMPLES, 16)).astype(np.float16))
+    out = tmp_path / "mix"
+    args = ["--data.sampler", "mix", "--data.image_features", str(store)]
+    args += ["--data.text_features", str(store), "--data.num_anchors", "3"]
+    assert _run(world.cfg, out, *args) == 0
+    manifest, records = read_gt(out)
+    assert manifest["config"]["data"]["image_features"] == str(store)
+    sampler = build_sampler("mix", NUM_SAMPLES, K, 0, str(store), str(store))
+    for r in records:
+        cands = set(sampler.sample([r.anchor_position])[0])
+        assert all(set(s) <= cands for s in r.sequences)
+
+
+def test_cider_gain_scorer_in_the_job(world, stand_ins, tmp_path):
+    out = tmp_path / "cider"
+    args = [
+        *("--data.collection", str(stand_ins.caption), "--model.task", "caption"),
+        *("--model.scorer", "cider_gain", "--data.num_anchors", "2", "--data.num_candidates", "4"),
+        *("--model.beam_size", "2"),
+    ]
+    assert _run(world.cfg, out, *args) == 0
+    manifest, records = read_gt(out)
+    assert manifest["task"] == "caption" and manifest["config"]["model"]["scorer"] == "cider_gain"
+    assert all(len(r.sequences) == 2 for r in records)
+    # CIDEr x100 differences, bounded by the CIDEr-D range.
+    assert all(-1000.0 <= s <= 1000.0 for r in records for s in r.scores)

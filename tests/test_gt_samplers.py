@@ -118,3 +118,13 @@ def test_build_sampler_errors_name_the_setting():
         build_sampler("image_sim", 10, 3, 0)
     with pytest.raises(SamplerError, match="unknown sampler 'nearest'"):
         build_sampler("nearest", 10, 3, 0)
+
+
+def test_feature_store_folder_is_accepted(tmp_path):
+    feats = _features(40)
+    np.save(tmp_path / "image.npy", feats)
+    np.save(tmp_path / "text.npy", feats[::-1].copy())
+    by_folder = build_sampler("text_sim", 40, 5, 0, text_features=str(tmp_path))
+    by_file = build_sampler("text_sim", 40, 5, 0, text_features=str(tmp_path / "text.npy"))
+    assert by_folder.sample([3, 8]) == by_file.sample([3, 8])
+    assert by_folder.sample([3]) == topk_cosine_reference(feats[::-1], [3], 5)

@@ -189,17 +189,23 @@ def infoscore_scorer(
 
 
 CiderFn = Callable[[dict[str, str], dict[str, list[str]]], Mapping[str, float]]
+TokenizeFn = Callable[[dict[str, list[str]]], dict[str, list[str]]]
+
+
+def default_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Captions tokenised for CIDEr (``leverlm.icl.metrics.tokenize_captions``, PTB if Java)."""
+    from leverlm.icl.metrics import tokenize_captions
+
+    return tokenize_captions(captions)[0]
 
 
 def default_cider_fn(
     predictions: dict[str, str], references: dict[str, list[str]]
 ) -> dict[str, float]:
-    """Per-sample CIDEr via ``leverlm.icl.metrics.cider`` (``result.per_sample``)."""
-    from leverlm.icl.metrics import cider
+    """Per-sample CIDEr-D (x100) of already tokenised captions (``cider_from_tokens``)."""
+    from leverlm.icl.metrics import cider_from_tokens
 
-    result = cider(predictions, references)
-    per_sample = result.per_sample if hasattr(result, "per_sample") else result["per_sample"]
-    return {k: float(v) for k, v in dict(per_sample).items()}
+    return {k: float(v) for k, v in cider_from_tokens(predictions, references)[1].items()}
 
 
 def _references(sample: dict[str, Any]) -> list[str]:
@@ -220,10 +226,14 @@ class CiderGainScorer:
     and its candidates' reference captions (K+1 images), fixed for the anchor, so a
     candidate's gain does not depend on what else is scored with it.
 
+    Tokenisation (one PTB/Java process per call) is batched: references once per anchor,
+    generated captions once per beam state; CIDEr itself then runs on tokens.
+
     Args:
         generate: ``generate(icd_seqs, queries) -> list[str]`` (e.g. ``LVLM.generate``), one
             caption per (ICD sequence, query) pair, already post-processed.
-        cider_fn: ``cider_fn(predictions, references) -> {key: score}``.
+        tokenize: ``tokenize({key: [caption, ...]}) -> {key: [tokenised, ...]}``.
+        cider_fn: ``cider_fn(predictions, references) -> {key: score}`` on tokenised text.
     """
 
     def __init__(
@@ -235,24 +245,31 @@ class CiderGainScorer:
         *,
         order: str = "left",
         batch_size: int = 32,
+        tokenize: TokenizeFn | None = None,
         cider_fn: CiderFn | None = None,
     ) -> None:
         self.generate, self.query, self.samples = generate, query, samples
         self.order, self.batch_size = order, max(1, int(batch_size))
+        self.tokenize = tokenize or default_tokenize
         self.cider_fn = cider_fn or default_cider_fn
         self._anchor_key = "__anchor__"
         # Context documents for the IDF: the candidates' references (keys cannot clash with
-        # the anchor's), with their own first caption as a placeholder prediction.
-        self._ctx_refs = {f"ctx{c}": _references(samples[c]) for c in candidates}
-        self._ctx_preds = {k: v[0] for k, v in self._ctx_refs.items()}
-        self._anchor_refs = _references(query)
+        # the anchor's), with their own first caption as a placeholder prediction (a
+        # prediction does not enter the document frequencies).
+        refs = {f"ctx{c}": _references(samples[c]) for c in candidates}
+        refs[self._anchor_key] = _references(query)
+        self._refs = self.tokenize(refs)
+        self._ctx_preds = {k: v[0] for k, v in self._refs.items() if k != self._anchor_key}
         self._base_cache: dict[tuple[int, ...], float] = {}
 
-    def cider(self, caption: str) -> float:
-        """CIDEr of one generated caption for the anchor, against the per-anchor corpus."""
-        preds = {self._anchor_key: caption, **self._ctx_preds}
-        refs = {self._anchor_key: self._anchor_refs, **self._ctx_refs}
-        return float(self.cider_fn(preds, refs)[self._anchor_key])
+    def cider(self, captions: Sequence[str]) -> list[float]:
+        """CIDEr of generated captions for the anchor, each against the per-anchor corpus."""
+        toks = self.tokenize({f"gen{i}": [c] for i, c in enumerate(captions)})
+        out = []
+        for i in range(len(captions)):
+            preds = {self._anchor_key: toks[f"gen{i}"][0], **self._ctx_preds}
+            out.append(float(self.cider_fn(preds, self._refs)[self._anchor_key]))
+        return out
 
     def _captions(self, seqs: list[tuple[int, ...]]) -> list[str]:
         out: list[str] = []
@@ -264,8 +281,12 @@ class CiderGainScorer:
 
     def __call__(self, prefix: Sequence[int], candidates: Sequence[int]) -> list[float]:
         prefix = tuple(prefix)
-        if prefix not in self._base_cache:  # "without" once per beam state
-            self._base_cache[prefix] = self.cider(self._captions([prefix])[0])
-        base = self._base_cache[prefix]
         seqs = [(c, *prefix) if self.order == "left" else (*prefix, c) for c in candidates]
-        return [self.cider(cap) - base for cap in self._captions(seqs)]
+        fresh = prefix not in self._base_cache
+        # The "without" caption once per beam state, generated and scored with the others.
+        captions = self._captions(([prefix] if fresh else []) + seqs)
+        scores = self.cider(captions)
+        if fresh:
+            self._base_cache[prefix] = scores.pop(0)
+        base = self._base_cache[prefix]
+        return [s - base for s in scores]

@@ -137,6 +137,12 @@ def load_feature_array(path: str | os.PathLike, num_samples: int | None = None) 
     return arr
 
 
+def feature_file(path: str | os.PathLike, modality: str) -> Path:
+    """A ``.npy`` file as given, or a feature-store folder's ``image.npy`` / ``text.npy``."""
+    path = Path(path)
+    return path / f"{modality}.npy" if path.is_dir() else path
+
+
 def _normalise(x: np.ndarray) -> np.ndarray:
     import numpy as np
 
@@ -328,7 +334,8 @@ def build_sampler(
     Args:
         num_samples: size of the supporting set (feature files must have this many rows).
         k: candidates per anchor.
-        image_features / text_features: ``(N, D)`` ``.npy`` files for the similarity samplers.
+        image_features / text_features: ``(N, D)`` ``.npy`` files for the similarity samplers
+            (or a feature-store folder, whose ``image.npy`` / ``text.npy`` is then used).
         mix: blend weights for ``mix`` (default 0.5 random / 0.25 image / 0.25 text).
     """
     if kind not in SAMPLERS:
@@ -340,7 +347,7 @@ def build_sampler(
     def sim(name: str, path: str | None) -> SimilaritySampler:
         if not path:
             raise SamplerError(f"sampler {kind!r} needs {name} (a .npy feature array)")
-        return SimilaritySampler(path, k, num_samples=num_samples)
+        return SimilaritySampler(feature_file(path, name.split("_")[0]), k, num_samples=num_samples)
 
     if kind == "image_sim":
         return sim("image_features", image_features)
