@@ -18,6 +18,9 @@ from leverlm.lvlm.tiny import build_tiny, synthetic_samples
 from leverlm.tasks import get_task
 
 TYPES = ["idefics2", "idefics3", "qwen2_vl", "qwen2_5_vl"]
+# variant -> (model_type, build_tiny options); a variant per distinct placeholder layout
+VARIANTS: dict[str, tuple[str, dict]] = {t: (t, {}) for t in TYPES}
+VARIANTS["idefics2-split"] = ("idefics2", {"image_splitting": True})  # 4 crops + image
 TOL = 1e-4
 
 # What a user writes for one image in a plain prompt for each family's processor.
@@ -33,11 +36,12 @@ PLACEHOLDER = {
 def folders(tmp_path_factory):
     built: dict[str, object] = {}
 
-    def get(model_type: str):
-        if model_type not in built:
-            out = tmp_path_factory.mktemp("tiny") / model_type
-            built[model_type] = build_tiny(model_type, out, seed=0)
-        return built[model_type]
+    def get(variant: str):
+        if variant not in built:
+            model_type, options = VARIANTS[variant]
+            out = tmp_path_factory.mktemp("tiny") / variant
+            built[variant] = build_tiny(model_type, out, seed=0, **options)
+        return built[variant]
 
     return get
 
@@ -46,10 +50,11 @@ def folders(tmp_path_factory):
 def lvlms(folders):
     loaded: dict[tuple[str, str], object] = {}
 
-    def get(model_type: str, task: str = "vqa_idefics"):
-        if (model_type, task) not in loaded:
-            loaded[model_type, task] = load_lvlm(model_type, folders(model_type), get_task(task))
-        return loaded[model_type, task]
+    def get(variant: str, task: str = "vqa_idefics"):
+        if (variant, task) not in loaded:
+            model_type = VARIANTS[variant][0]
+            loaded[variant, task] = load_lvlm(model_type, folders(variant), get_task(task))
+        return loaded[variant, task]
 
     return get
 
@@ -68,14 +73,14 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     assert (a - b).abs().max().item() < TOL, (a, b)
 
 
-@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("task", ["vqa_idefics", "caption"])
-def test_prompt_ids_equal_the_processors(lvlms, samples, model_type, task):
+def test_prompt_ids_equal_the_processors(lvlms, samples, variant, task):
     """The chunked encoding gives the ids the real processor gives for the same prompt."""
-    lvlm = lvlms(model_type, task)
+    lvlm = lvlms(variant, task)
     t = lvlm.task
     icds, query = [samples[0], samples[12], samples[1]], samples[14]
-    ph = PLACEHOLDER[model_type]
+    ph = PLACEHOLDER[VARIANTS[variant][0]]
     text = t.instruction + "".join(ph + t.icd_text(s) + t.icd_join for s in icds)
     text += ph + t.query_text(query)
     images = [s["image"] for s in [*icds, query]]
@@ -90,9 +95,9 @@ def test_prompt_ids_equal_the_processors(lvlms, samples, model_type, task):
     assert answer.strip() == t.query_answer_text(query).strip()
 
 
-@pytest.mark.parametrize("model_type", TYPES)
-def test_score_matches_reference_with_padding(lvlms, samples, model_type):
-    lvlm = lvlms(model_type)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_score_matches_reference_with_padding(lvlms, samples, variant):
+    lvlm = lvlms(variant)
     icd_seqs = [samples[0:2], [], samples[2:5], samples[11:12], samples[12:14]]
     queries = [samples[6], samples[7], samples[8], samples[15], samples[9]]
     lengths = {
@@ -108,11 +113,11 @@ def test_score_matches_reference_with_padding(lvlms, samples, model_type):
         _close(lvlm.score([icd_seqs[i]], [queries[i]]).sum_logprob, fast.sum_logprob[i : i + 1])
 
 
-@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("order", ["left", "right"])
-def test_score_candidates_match_reference(lvlms, samples, model_type, order):
+def test_score_candidates_match_reference(lvlms, samples, variant, order):
     """Both construct orders (right: prefix KV cache), every batch size 1..K."""
-    lvlm = lvlms(model_type)
+    lvlm = lvlms(variant)
     prefix, query, candidates = [samples[0], samples[13]], samples[2], samples[3:6] + samples[11:13]
     ref = score_candidates_reference(lvlm, prefix, query, candidates, order, "logprob_sum")
     assert ref.abs().max() > 1e-3  # candidates change the answer's likelihood

@@ -162,12 +162,18 @@ def _siglip(size: str) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------
 
 
-def build_tiny_idefics2(out_dir: str | Path, seed: int = 0, size: str = "test") -> Path:
+def build_tiny_idefics2(
+    out_dir: str | Path, seed: int = 0, size: str = "test", image_splitting: bool = False
+) -> Path:
     """A tiny ``Idefics2ForConditionalGeneration`` + ``Idefics2Processor`` folder.
 
     4 (test) / 16 (bench) perceiver latents per image; images keep their aspect ratio within
-    the edge limits and are padded per batch (``pixel_attention_mask``); no image splitting
-    (the idefics2-8b default). Llama-style tokenizer (Mistral's), BOS prepended.
+    the edge limits and are padded per batch (``pixel_attention_mask``). Llama-style tokenizer
+    (Mistral's), BOS prepended.
+
+    Args:
+        image_splitting: the image processor's ``do_image_splitting`` (4 crops + the image,
+            5 x the latents per image); off by default, as for idefics2-8b.
     """
     from transformers import (
         Idefics2Config,
@@ -192,7 +198,7 @@ def build_tiny_idefics2(out_dir: str | Path, seed: int = 0, size: str = "test") 
             size={"shortest_edge": 16, "longest_edge": 32}
             if test
             else {"shortest_edge": 112, "longest_edge": 224},
-            do_image_splitting=False,
+            do_image_splitting=image_splitting,
         )
         processor = Idefics2Processor(
             image_processor=image_processor, tokenizer=tok, image_seq_len=latents
