@@ -144,6 +144,19 @@ def test_same_seed_same_bytes_other_seed_other_anchors(world, tmp_path):
     assert other != [r.anchor_position for r in read_gt(world.ref)[1]]
 
 
+def test_rerun_of_a_finished_run_changes_nothing(world, tmp_path, caplog):
+    import shutil
+
+    out = tmp_path / "finished"
+    shutil.copytree(world.ref, out)
+    parts = sorted(p.name for p in (out / "parts").iterdir())
+    with caplog.at_level("INFO", logger="leverlm.gt"):
+        assert _run(world.cfg, out) == 0
+    assert f"skipped {NUM_ANCHORS} anchors already done, 0 of 0 to do" in caplog.text
+    assert sorted(p.name for p in (out / "parts").iterdir()) == parts
+    assert _bytes(out) == _bytes(world.ref)
+
+
 def test_merge_command_rebuilds_the_same_dataset(world, tmp_path, capsys):
     import shutil
 

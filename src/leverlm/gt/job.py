@@ -102,8 +102,13 @@ class AnchorBatches(torch.utils.data.IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         coll = Collection(self.collection)
         sampler = build_sampler(num_samples=len(coll), **self.sampler_kwargs)
-        for batch in self.batches()[worker::num_workers]:
-            candidates = sampler.sample(batch)
+        mine = self.batches()[worker::num_workers]
+        # All of this worker's candidate sets in one call: the similarity samplers scan the
+        # feature array once per block of anchors, so full blocks beat one scan per batch.
+        flat = sampler.sample([a for batch in mine for a in batch])
+        start = 0
+        for batch in mine:
+            candidates, start = flat[start : start + len(batch)], start + len(batch)
             needed = sorted({p for c in candidates for p in c})
             yield {
                 "anchors": [coll[a] for a in batch],
@@ -460,7 +465,8 @@ class GtProgress(Callback):
             if type(logger).__name__ == "WandbLogger" and scores:
                 import wandb
 
-                logger.experiment.log({"gt/score_hist": wandb.Histogram(scores)})
+                hist = wandb.Histogram(scores)
+                logger.experiment.log({"gt/score_hist": hist, "trainer/global_step": self.done})
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.bar is not None:
@@ -532,6 +538,12 @@ def plan_run(
         raise GtConfigError(f"data.sampler={data['sampler']!r}; choose one of {SAMPLERS}")
     if data.get("anchors_per_batch", 1) < 1:
         raise GtConfigError(f"data.anchors_per_batch={data['anchors_per_batch']} must be >= 1")
+    if data.get("num_workers", 0) < 0:
+        raise GtConfigError(f"data.num_workers={data['num_workers']} must be >= 0")
+    if model.get("candidate_batch_size", 1) < 1:
+        raise GtConfigError(
+            f"model.candidate_batch_size={model['candidate_batch_size']} must be >= 1"
+        )
     try:
         check_beam_config(model["beam_size"], model["shots"], k, model["order"], model["ranking"])
         anchors = select_anchors(n, num_anchors, int(data["seed"]))
@@ -620,7 +632,8 @@ class GtCLI(LightningCLI):
             "--overwrite",
             type=bool,
             default=False,
-            help="delete results of a different config in --out instead of refusing",
+            help="delete earlier results in --out (of any config) and start over, instead of "
+            "resuming (same config) or refusing (another config)",
         )
         parser.add_argument(
             "--progress_bar", type=bool, default=True, help="anchors/s progress bar on rank 0"
