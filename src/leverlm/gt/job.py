@@ -4,7 +4,9 @@
 :class:`GtModule` (LVLM + beam search) over :class:`GtDataModule` (anchors of the train
 collection with their candidate sets) with :class:`GtWriter` writing each rank's records as
 atomic part files, and merges them into a gt dataset (see :mod:`leverlm.gt.data`) at the end.
-``leverlm gt merge --out DIR`` merges on its own (e.g. after a multi-node run).
+``leverlm gt merge --out DIR`` merges on its own. On several nodes, ``--out`` must be on a
+filesystem every node sees (rank 0 merges what all ranks wrote); otherwise gather the
+``parts/`` folders into one and run ``leverlm gt merge``.
 
 Overrides work as in any LightningCLI: ``--trainer.devices 8 --trainer.num_nodes 2
 --data.num_anchors 5000 --model.beam_size 5``; ``--print_config`` shows the resolved config.
@@ -38,6 +40,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from leverlm.gt.beam import (
     BeamConfigError,
     CiderGainScorer,
+    ScoreFn,
     beam_search,
     check_beam_config,
     infoscore_scorer,
@@ -122,7 +125,9 @@ class GtDataModule(pl.LightningDataModule):
 
     Anchors are a seeded random subset, split over ranks after removing the ones already
     done (see :meth:`skip`): every anchor is processed exactly once across ranks, uneven
-    shares included (no sampler padding).
+    shares included (no sampler padding). Anchors and their candidates are read by position
+    (the collection's offset index) in DataLoader workers: anchors are a sparse subset, so
+    random access beats streaming every shard.
 
     Args:
         collection: the train collection folder (also the supporting set).
@@ -273,7 +278,9 @@ class GtModule(pl.LightningModule):
             **self.lvlm_kwargs,
         )
 
-    def score_fn(self, anchor: dict[str, Any], samples: dict[int, Any], candidates: list[int]):
+    def score_fn(
+        self, anchor: dict[str, Any], samples: dict[int, Any], candidates: list[int]
+    ) -> ScoreFn:
         """The beam-search scorer of one anchor."""
         if self.scorer == "cider_gain":
             return CiderGainScorer(
