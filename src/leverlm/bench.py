@@ -111,7 +111,13 @@ def scoring_parser() -> argparse.ArgumentParser:
         default=None,
         help="device peak TFLOP/s; adds the fast path's achieved fraction of it",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads for both paths (default 1: on a shared CPU, threads that wait "
+        "on each other distort timings; 0 keeps torch's default)",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -127,8 +133,9 @@ def parse_scoring_args(argv: list[str]) -> argparse.Namespace:
     for name in ("candidates", "batch_size", "beams", "reference_candidates"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.shots < 0:
-        p.error(f"--shots must be >= 0, got {args.shots}")
+    for name in ("shots", "threads"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     try:
         w, h = (int(x) for x in args.image_size.lower().split("x"))
     except ValueError:
