@@ -553,6 +553,8 @@ def _write_flamingo_lm(lm_dir: Path, lm: str, size: str, seed: int) -> None:
         )
         config: Any = LlamaConfig(
             vocab_size=len(tok),
+            # 2.5x the default init: context (ICDs, their order) visibly moves the logits
+            initializer_range=0.05,
             max_position_embeddings=4096,
             tie_word_embeddings=False,
             **dims,
