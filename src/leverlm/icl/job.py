@@ -1,0 +1,1353 @@
+"""``leverlm eval``: in-context evaluation of ICD retrievers with a frozen LVLM (LightningCLI test).
+
+``leverlm eval test --config conf/eval/easyvqa_tiny.yaml --out runs/eval/easyvqa`` evaluates
+every configured method (``zero_shot``, ``random``, ``siir``, ``sttr``, ``sitr``, ``fixed``,
+``lever_lm``, ``lever_lm_shuffled``, ``oracle``/``from_file`` or any registered retriever) at
+every shot count on the query collection (the validation split), with ICDs from the
+supporting set (the train collection):
+
+1. **Plan** (:func:`plan_eval`, before anything loads): every setting is checked, naming the
+   bad value - unknown method, shots < 1, a ``lever_lm`` method without a checkpoint, a
+   feature store built for another collection, a missing LVLM folder, an output folder
+   holding another config's results.
+2. **Retrieve** (:class:`EvalDataModule`, once per method, up front): each retriever's
+   ``prepare`` then ``retrieve`` over *all* queries of the run, so a query's ICDs never depend
+   on batches, ranks or resumes.
+3. **Generate** (:class:`EvalModule`): work items are (batch of ``batch_size`` queries, method,
+   shots); each is one batched ``LVLM.generate`` call with the ICD samples fetched by position
+   from the supporting set - the adapter's own prompt code, the one the gt scorer uses, and
+   the task's generation arguments (``model.generation`` overrides them).
+4. **Write** (:class:`EvalWriter`): predictions ``{query_key, method, shots, icd_positions,
+   prediction, references}`` go to atomic per-rank part files under ``OUT/parts``.
+5. **Merge and report** (rank 0, :func:`finalize_results`): ``OUT/predictions.jsonl`` (sorted),
+   ``OUT/manifest.json`` (task, metric, LVLM, methods, shots, trained_shots,
+   interpolation_max_shots, the resolved config and its hash), then
+   :func:`leverlm.report.write_report` prints the table and writes ``report.{md,csv,json,png}``;
+   the table, plot and a few sample predictions go to the logger (wandb, offline by default).
+
+Resume and DDP reuse the gt job's part-file machinery (:mod:`leverlm.gt.data`): rerunning the
+same command skips every (query, method, shots) already in a part file and finishes the rest;
+``--trainer.devices N --trainer.strategy ddp`` deals the work items out round-robin. Batches are
+fixed chunks of the run's query list, so each generate call sees the same queries however the
+work is split or resumed, and the final files are byte-identical to an uninterrupted
+1-process run. The config hash covers the ``data`` and ``model`` sections except
+``data.num_workers`` (``batch_size`` is covered: padding in a batched generate call can change
+float rounding), plus the checksums of the collections, feature stores and Lever-LM checkpoints.
+
+``leverlm eval merge --out DIR`` merges and reports a finished run on its own.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+import leverlm.icl.lever_retriever  # noqa: F401 - registers lever_lm, lever_lm_shuffled, from_file
+from leverlm.gt.data import (
+    GtConfigMismatch,
+    GtDataError,
+    check_out_dir,
+    make_header,
+    next_part_seq,
+    part_files,
+    prepare_out_dir,
+    read_header,
+    write_part,
+)
+from leverlm.icl.retrievers import RETRIEVERS, Retriever, RetrieverError, available_retrievers
+from leverlm.report import Prediction, ReportError, read_predictions
+from leverlm.utils import atomic_open, atomic_write_json, sha256_file
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from leverlm.report import Report
+    from leverlm.tasks import Task
+
+log = logging.getLogger("leverlm.eval")
+
+FORMAT = "leverlm-eval"
+VERSION = 1
+PREDICTIONS = "predictions.jsonl"
+MANIFEST = "manifest.json"
+REPORT_FILES = ("report.md", "report.csv", "report.json", "report.png")
+ZERO_SHOT = "zero_shot"
+# The paper's evaluation: these methods at 1-4 shots (interpolation; Lever-LM trained on 2)
+# and 6, 8 (extrapolation), zero-shot once.
+PAPER_METHODS = ("zero_shot", "random", "siir", "sttr", "sitr", "lever_lm")
+PAPER_SHOTS = (1, 2, 3, 4, 6, 8)
+LEVER_RETRIEVERS = ("lever_lm", "lever_lm_shuffled")
+# Retriever arguments the job fills in from what it knows (unless a method's config sets them).
+FEATURE_ARGS = ("support_image", "query_image", "support_text", "query_text")
+# Sample field holding a query's references, per metric.
+REFERENCE_FIELDS = {"vqa_accuracy": "answers", "cider": "captions"}
+
+
+class EvalConfigError(ValueError):
+    """An impossible or inconsistent eval configuration (names the setting and the value)."""
+
+
+class EvalError(RuntimeError):
+    """The run's results are incomplete or inconsistent (names the folder and what is missing)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# small pieces
+# ---------------------------------------------------------------------------------------------
+
+
+class EvalPrediction(Prediction):
+    """A :class:`~leverlm.report.Prediction` that can be written as a part-file line."""
+
+    def to_line(self) -> str:
+        return prediction_line(self)
+
+
+def prediction_line(pred: Prediction) -> str:
+    """One JSONL line (no newline) in the fixed field order; equal predictions, equal bytes."""
+    import json
+
+    return json.dumps(pred.to_json(), ensure_ascii=False, separators=(",", ":"))
+
+
+def references_of(task: Task, sample: dict[str, Any]) -> list[str]:
+    """The references a query's prediction is scored against (VQA: the 10 human answers;
+    captioning: every reference caption)."""
+    name = REFERENCE_FIELDS.get(task.metric)
+    if name is None:
+        raise EvalConfigError(f"task {task.name!r}: no reference field for metric {task.metric!r}")
+    refs = sample.get(name)
+    if refs is None and task.metric == "cider" and sample.get("caption"):
+        refs = [sample["caption"]]
+    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+        raise EvalConfigError(
+            f"query {sample.get('__key__', '?')!r} has no usable references: field {name!r} "
+            f"must be a non-empty list of strings, got {refs!r}"
+        )
+    return list(refs)
+
+
+def select_queries(num_samples: int, limit: int | None, seed: int) -> list[int]:
+    """The run's query positions: all, or a seeded random subset of ``limit`` (sorted).
+
+    ``limit`` >= the collection size takes every query (a quick-run knob, not a request for
+    duplicates).
+    """
+    from leverlm.gt.samplers import select_anchors
+
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise EvalConfigError(f"data.limit must be an int >= 1 or null, got {limit!r}")
+    if num_samples < 1:
+        raise EvalConfigError("the query collection is empty")
+    if limit is None or limit >= num_samples:
+        return list(range(num_samples))
+    return select_anchors(num_samples, limit, seed)
+
+
+def eval_units(methods: Sequence[str], shots: Sequence[int]) -> list[tuple[str, int]]:
+    """Every (method, shots) of a run: zero-shot once at 0, other methods at each shot count."""
+    units: list[tuple[str, int]] = []
+    for method in methods:
+        if method == ZERO_SHOT:
+            units.append((method, 0))
+        else:
+            units += [(method, int(s)) for s in shots]
+    return units
+
+
+def check_methods_and_shots(methods: Any, shots: Any) -> tuple[list[str], list[int]]:
+    """Validate ``data.methods`` and ``data.shots`` (names the bad value)."""
+    if isinstance(methods, str) or not isinstance(methods, Sequence) or not methods:
+        raise EvalConfigError(f"data.methods must be a non-empty list, got {methods!r}")
+    methods = list(methods)
+    dupes = sorted({m for m in methods if methods.count(m) > 1})
+    if dupes:
+        raise EvalConfigError(f"data.methods lists {dupes} more than once")
+    if isinstance(shots, str) or not isinstance(shots, Sequence):
+        raise EvalConfigError(f"data.shots must be a list of ints, got {shots!r}")
+    shots = list(shots)
+    for s in shots:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise EvalConfigError(f"data.shots must be ints, got {s!r}")
+        if s < 0:
+            raise EvalConfigError(f"data.shots has shots={s}; shot counts must be >= 1")
+        if s == 0:
+            raise EvalConfigError(
+                "data.shots has shots=0: zero-shot is a method of its own; list 'zero_shot' "
+                "in data.methods instead"
+            )
+    if len(set(shots)) != len(shots):
+        raise EvalConfigError(f"data.shots {shots} has repeated values")
+    if any(m != ZERO_SHOT for m in methods) and not shots:
+        raise EvalConfigError("data.shots is empty but methods other than zero_shot are listed")
+    return methods, sorted(shots)
+
+
+def lvlm_id(model_type: str, path: str) -> str:
+    """A short name for the LVLM in tables and plots: a hub id as is, else the folder name."""
+    from leverlm.lvlm.base import is_local_path
+
+    return Path(path).name if is_local_path(path) else path
+
+
+def _abspath(path: Any) -> Any:
+    return str(Path(path).expanduser().resolve()) if isinstance(path, str) and path else path
+
+
+# ---------------------------------------------------------------------------------------------
+# methods -> retrievers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodSpec:
+    """A method of the run: the registered retriever it uses and its resolved arguments.
+
+    ``source`` records where derived arguments came from (``gt_dir`` for ``fixed``).
+    """
+
+    method: str
+    retriever: str
+    kwargs: dict[str, Any]
+    source: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"retriever": self.retriever, **self.kwargs, **self.source}
+
+
+def accepted_args(factory: Any) -> tuple[set[str], bool]:
+    """Keyword arguments a retriever factory accepts, following ``**kwargs`` up its bases.
+
+    Returns ``(names, open)``; ``open`` is true when some ``**kwargs`` goes nowhere known.
+    """
+    if inspect.isclass(factory):
+        functions = [c.__dict__["__init__"] for c in factory.__mro__ if "__init__" in c.__dict__]
+    else:
+        functions = [factory]
+    names: set[str] = set()
+    for fn in functions:
+        params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+        names |= {
+            p.name
+            for p in params
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        }
+        if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
+            return names, False
+    return names, True
+
+
+_PATH_ARGS = ("checkpoint", "path", "support_feature_store", "query_feature_store", "queries")
+
+
+def resolve_methods(
+    methods: Sequence[str], retrievers: dict[str, Any] | None, num_candidates: int
+) -> list[MethodSpec]:
+    """Each method's retriever and arguments from ``data.retrievers`` (checked, paths absolute).
+
+    ``data.retrievers.<method>`` holds the method's keyword arguments; ``retriever: NAME`` in
+    it picks another registered retriever (e.g. ``oracle: {retriever: from_file, path: ...}``).
+    ``lever_lm_shuffled`` starts from ``lever_lm``'s arguments (same ICDs, shuffled), and a
+    ``gt_dir`` given to ``fixed`` becomes its ``sequence`` (:func:`best_gt_sequence`).
+    """
+    from leverlm.icl.lever_retriever import best_gt_sequence
+
+    config = dict(retrievers or {})
+    if not isinstance(retrievers or {}, dict):
+        raise EvalConfigError(f"data.retrievers must be a mapping, got {retrievers!r}")
+    stray = sorted(set(config) - set(methods))
+    if stray:
+        # Not an error: narrowing data.methods on the command line keeps the config's settings.
+        log.warning("data.retrievers has settings for %s, which are not in data.methods", stray)
+    specs = []
+    for method in methods:
+        if not isinstance(method, str) or not method:
+            raise EvalConfigError(f"data.methods has {method!r}; methods are names")
+        kwargs = config.get(method) or {}
+        if not isinstance(kwargs, dict):
+            raise EvalConfigError(f"data.retrievers.{method} must be a mapping, got {kwargs!r}")
+        kwargs = dict(kwargs)
+        if method == "lever_lm_shuffled" and isinstance(config.get("lever_lm"), dict):
+            inherited = {k: v for k, v in config["lever_lm"].items() if k != "retriever"}
+            kwargs = {**inherited, **kwargs}
+        name = kwargs.pop("retriever", method)
+        if name not in RETRIEVERS:
+            where = f"data.retrievers.{method}.retriever" if name != method else "data.methods"
+            raise EvalConfigError(
+                f"{where}: unknown method {name!r}; known: {', '.join(available_retrievers())}"
+            )
+        source: dict[str, Any] = {}
+        if "gt_dir" in kwargs:
+            gt_dir = _abspath(kwargs.pop("gt_dir"))
+            try:
+                kwargs["sequence"] = best_gt_sequence(gt_dir, num_candidates)
+            except RetrieverError as err:
+                raise EvalConfigError(f"data.retrievers.{method}.gt_dir: {err}") from err
+            source["gt_dir"] = gt_dir
+        for key in _PATH_ARGS:
+            if key in kwargs:
+                kwargs[key] = _abspath(kwargs[key])
+        if name in LEVER_RETRIEVERS:
+            ckpt = kwargs.get("checkpoint")
+            if not ckpt:
+                raise EvalConfigError(
+                    f"method {method!r} needs a Lever-LM checkpoint: set "
+                    f"data.retrievers.{'lever_lm' if method == 'lever_lm_shuffled' else method}"
+                    ".checkpoint"
+                )
+            if not Path(ckpt).is_file():
+                raise EvalConfigError(
+                    f"data.retrievers.{method}.checkpoint: {ckpt!r} does not exist"
+                )
+        names, open_ = accepted_args(RETRIEVERS[name])
+        unknown = sorted(k for k in kwargs if k not in names)
+        if unknown and not open_:
+            raise EvalConfigError(
+                f"data.retrievers.{method}: unknown argument(s) {unknown} for retriever "
+                f"{name!r} (accepts: {', '.join(sorted(names))})"
+            )
+        specs.append(MethodSpec(method, name, kwargs, source))
+    return specs
+
+
+def needs_feature_arrays(spec: MethodSpec) -> bool:
+    """Whether a method reads the query/supporting-set feature arrays (similarity retrieval)."""
+    return bool(set(FEATURE_ARGS) & accepted_args(RETRIEVERS[spec.retriever])[0])
+
+
+def build_retrievers(specs: Sequence[MethodSpec], context: dict[str, Any]) -> dict[str, Retriever]:
+    """Build each method's retriever; ``context`` fills the arguments a method does not set.
+
+    A ``lever_lm_shuffled`` with the same settings as ``lever_lm`` shuffles that very
+    retriever, so Lever-LM decodes once for both.
+    """
+    from leverlm.icl.retrievers import build_retriever
+
+    out: dict[str, Retriever] = {}
+    for spec in specs:
+        names, _ = accepted_args(RETRIEVERS[spec.retriever])
+        kwargs = {k: v for k, v in context.items() if k in names and v is not None}
+        kwargs.update(spec.kwargs)
+        lever = out.get("lever_lm")
+        if spec.retriever == "lever_lm_shuffled" and lever is not None and "inner" not in kwargs:
+            base = next(s for s in specs if s.method == "lever_lm")
+            if {k: v for k, v in spec.kwargs.items() if k != "seed"} == base.kwargs:
+                kwargs["inner"] = lever
+        out[spec.method] = build_retriever(spec.retriever, **kwargs)
+    return out
+
+
+def check_retrieved(
+    method: str, shots: int, lists: Any, keys: Sequence[str], num_candidates: int
+) -> np.ndarray:
+    """A retriever's answer as a ``(Q, shots)`` int64 array, checked: ``shots`` distinct
+    supporting-set positions per query (a custom retriever's slip is named, not evaluated)."""
+    import numpy as np
+
+    if not isinstance(lists, Sequence) or len(lists) != len(keys):
+        got = len(lists) if isinstance(lists, Sequence) else type(lists).__name__
+        raise EvalError(f"method {method!r} returned {got} ICD lists for {len(keys)} queries")
+    table = np.zeros((len(keys), shots), dtype=np.int64)
+    for row, (key, icds) in enumerate(zip(keys, lists, strict=True)):
+        icds = [int(p) for p in icds]
+        if len(icds) != shots or len(set(icds)) != shots:
+            raise EvalError(
+                f"method {method!r}, shots={shots}: query {key!r} got ICDs {icds}, not "
+                f"{shots} distinct positions"
+            )
+        if not all(0 <= p < num_candidates for p in icds):
+            raise EvalError(
+                f"method {method!r}: query {key!r} got ICDs {icds} outside the supporting set "
+                f"0..{num_candidates - 1}"
+            )
+        table[row] = icds
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One batched generate call: query rows ``rows`` of batch ``batch`` for (method, shots)."""
+
+    batch: int
+    method: str
+    shots: int
+    rows: tuple[int, ...]  # indices into the run's query list
+    positions: tuple[int, ...]  # the queries' collection positions
+    icds: tuple[tuple[int, ...], ...]  # per query, supporting-set positions in prompt order
+
+
+class EvalItems(torch.utils.data.IterableDataset):
+    """One rank's work items with their query and ICD samples decoded.
+
+    Each item: ``{"method", "shots", "batch", "queries": [sample, ...], "icd_positions":
+    [[pos, ...], ...], "icds": {pos: sample}}``. DataLoader workers take every
+    ``num_workers``-th item, so each item is yielded exactly once.
+    """
+
+    def __init__(self, queries: str, supporting_set: str, items: Sequence[WorkItem]) -> None:
+        super().__init__()
+        self.queries, self.supporting_set, self.items = queries, supporting_set, list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from leverlm.data.collection import Collection
+
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        queries, support = Collection(self.queries), Collection(self.supporting_set)
+        for item in self.items[worker::num_workers]:
+            needed = sorted({p for seq in item.icds for p in seq})
+            yield {
+                "batch": item.batch,
+                "method": item.method,
+                "shots": item.shots,
+                "queries": [queries[p] for p in item.positions],
+                "icd_positions": [list(seq) for seq in item.icds],
+                "icds": {p: support[p] for p in needed},
+            }
+
+
+class EvalDataModule(pl.LightningDataModule):
+    """The queries of the run, their ICDs per method and shot count, as work items.
+
+    Args:
+        queries: the query collection (paper: COCO val2017 / VQAv2 val).
+        supporting_set: the collection ICDs come from (the train split; Lever-LM's vocabulary).
+        task: set from ``model.task`` by the CLI (picks STTR's query text and the references).
+        methods: retriever names (see ``leverlm.icl.retrievers``; ``zero_shot`` runs once).
+        shots: shot counts of every method but zero-shot (each >= 1).
+        retrievers: per-method retriever arguments, e.g. ``{lever_lm: {checkpoint: ...},
+            random: {seed: 1}, fixed: {gt_dir: ...}, oracle: {retriever: from_file, path:
+            ...}}`` (see :func:`resolve_methods`).
+        query_features / support_features: feature stores (``leverlm features``) of the two
+            collections, row = position; needed by siir/sttr/sitr and Lever-LM.
+        limit: evaluate a seeded random subset of this many queries (null: all).
+        seed: picks the subset; default seed of the seeded retrievers (random, fixed, shuffled).
+        batch_size: queries per generate call.
+        num_workers: DataLoader workers decoding query and ICD images.
+    """
+
+    def __init__(
+        self,
+        queries: str,
+        supporting_set: str,
+        task: str = "vqa",
+        methods: tuple[str, ...] = PAPER_METHODS,
+        shots: tuple[int, ...] = PAPER_SHOTS,
+        retrievers: dict[str, dict[str, Any]] | None = None,
+        query_features: str | None = None,
+        support_features: str | None = None,
+        limit: int | None = None,
+        seed: int = 0,
+        batch_size: int = 8,
+        num_workers: int = 2,
+    ) -> None:
+        super().__init__()
+        self.queries, self.supporting_set, self.task = queries, supporting_set, task
+        self.methods, self.shots = list(methods), sorted(int(s) for s in shots)
+        self.retrievers = dict(retrievers or {})
+        self.query_features, self.support_features = query_features, support_features
+        self.limit, self.seed = limit, seed
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.rank, self.world_size = 0, 1
+        self.table: dict[tuple[str, int], np.ndarray] | None = None
+        self._positions: list[int] | None = None
+        self._keys: list[str] | None = None
+        self._done: set[tuple[str, str, int]] = set()
+
+    # -- the run's queries ------------------------------------------------------------------
+    @property
+    def query_positions(self) -> list[int]:
+        if self._positions is None:
+            from leverlm.data.collection import read_manifest
+
+            n = int(read_manifest(self.queries)["num_samples"])
+            self._positions = select_queries(n, self.limit, self.seed)
+        return self._positions
+
+    @property
+    def query_keys(self) -> list[str]:
+        if self._keys is None:
+            from leverlm.data.collection import Collection
+
+            keys = Collection(self.queries).keys
+            self._keys = [keys[p] for p in self.query_positions]
+        return self._keys
+
+    @property
+    def units(self) -> list[tuple[str, int]]:
+        return eval_units(self.methods, self.shots)
+
+    def retrieval_queries(self) -> list[dict[str, Any]]:
+        """The queries as retrievers see them (key + position; the query itself is excluded
+        when queries and ICDs come from the same collection)."""
+        same = _abspath(self.queries) == _abspath(self.supporting_set)
+        out = []
+        for key, pos in zip(self.query_keys, self.query_positions, strict=True):
+            q: dict[str, Any] = {"__key__": key, "position": pos}
+            if same:
+                q["exclude_positions"] = [pos]
+            out.append(q)
+        return out
+
+    # -- retrieval ---------------------------------------------------------------------------
+    def retrieval_context(self, device: str) -> dict[str, Any]:
+        """What the job knows that retrievers may take (see :func:`build_retrievers`)."""
+        from leverlm.data.collection import read_manifest
+        from leverlm.encoders import FeatureStore
+        from leverlm.tasks import get_task
+
+        ctx: dict[str, Any] = {
+            "num_candidates": int(read_manifest(self.supporting_set)["num_samples"]),
+            "seed": self.seed,
+            "device": device,
+            "queries": _abspath(self.queries),
+            # paths, for retrievers that open a store themselves (Lever-LM)
+            "support_feature_store": _abspath(self.support_features),
+            "query_feature_store": _abspath(self.query_features),
+        }
+        if self.support_features:
+            store = FeatureStore(self.support_features)
+            ctx["support_image"], ctx["support_text"] = store.image, store.text
+        if self.query_features:
+            store = FeatureStore(self.query_features)
+            ctx["query_image"] = store.image
+            # A caption query's text is its answer: STTR compares its image with ICD texts.
+            ctx["query_text"] = None if get_task(self.task).name == "caption" else store.text
+        return ctx
+
+    def retrieve_all(self, device: str = "cpu") -> dict[tuple[str, int], np.ndarray]:
+        """Every method's ICDs for every query and shot count: ``{(method, shots): (Q, shots)}``."""
+        ctx = self.retrieval_context(device)
+        n = ctx["num_candidates"]
+        specs = resolve_methods(self.methods, self.retrievers, n)
+        retrievers = build_retrievers(specs, ctx)
+        queries, keys = self.retrieval_queries(), self.query_keys
+        table: dict[tuple[str, int], np.ndarray] = {}
+        for spec in specs:
+            retriever = retrievers[spec.method]
+            counts = [s for m, s in self.units if m == spec.method]
+            start = time.perf_counter()
+            retriever.prepare(queries, max(counts))
+            for shots in counts:
+                lists = retriever.retrieve(queries, shots)
+                table[(spec.method, shots)] = check_retrieved(spec.method, shots, lists, keys, n)
+            log.info(
+                "retrieved %s ICDs for %d queries x shots %s in %.2fs",
+                spec.method,
+                len(queries),
+                counts,
+                time.perf_counter() - start,
+            )
+        return table
+
+    def setup(self, stage: str) -> None:
+        device = "cpu"
+        if self.trainer is not None:
+            self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
+            device = str(self.trainer.strategy.root_device)
+        if self.table is None:
+            self.table = self.retrieve_all(device)
+
+    # -- work --------------------------------------------------------------------------------
+    def skip(self, done: set[tuple[str, str, int]]) -> None:
+        """Leave out (query_key, method, shots) already finished by an earlier run."""
+        self._done = set(done)
+
+    @property
+    def items(self) -> list[WorkItem]:
+        """Work items still to do, over all ranks, in a fixed order (batch, then unit)."""
+        if self.table is None:
+            raise EvalError("EvalDataModule.setup() has not run: no ICDs retrieved yet")
+        keys, positions = self.query_keys, self.query_positions
+        out = []
+        for b, start in enumerate(range(0, len(keys), self.batch_size)):
+            batch_rows = range(start, min(start + self.batch_size, len(keys)))
+            for method, shots in self.units:
+                rows = tuple(r for r in batch_rows if (keys[r], method, shots) not in self._done)
+                if rows:
+                    icds = self.table[(method, shots)]
+                    out.append(
+                        WorkItem(
+                            b,
+                            method,
+                            shots,
+                            rows,
+                            tuple(positions[r] for r in rows),
+                            tuple(tuple(int(p) for p in icds[r]) for r in rows),
+                        )
+                    )
+        return out
+
+    @property
+    def rank_items(self) -> list[WorkItem]:
+        """This rank's share of :attr:`items` (round-robin, so shares differ by at most one)."""
+        return self.items[self.rank :: self.world_size]
+
+    def test_dataloader(self) -> torch.utils.data.DataLoader:
+        dataset = EvalItems(_abspath(self.queries), _abspath(self.supporting_set), self.rank_items)
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            collate_fn=_identity,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------
+
+
+class EvalModule(pl.LightningModule):
+    """Batched in-context generation with a frozen LVLM (``test_step`` = one work item).
+
+    Args:
+        model_type: the LVLM family (``idefics``, ``flamingo``, ...; see ``leverlm.lvlm``).
+        path: the LVLM checkpoint folder (``from_pretrained``) or hub id (offline cache).
+        task: prompt recipe (``vqa``, ``vqa_idefics``, ``caption``).
+        dtype: LVLM precision (paper: ``bf16``).
+        generation: overrides of the task's generation arguments (``max_new_tokens``,
+            ``num_beams``, ``length_penalty``; paper: VQA 5 / 3 / 0, captions 20 / 3).
+        loader: optional ``"module:function"`` LVLM loader registered for ``model_type``.
+        lvlm_kwargs: extra keyword arguments for the LVLM loader.
+    """
+
+    def __init__(
+        self,
+        model_type: str = "idefics",
+        path: str = "",
+        task: str = "vqa_idefics",
+        dtype: str = "bf16",
+        generation: dict[str, Any] | None = None,
+        loader: str | None = None,
+        lvlm_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        # ``dtype``/``device`` are LightningModule properties: the LVLM's get their own names.
+        self.model_type, self.lvlm_path, self.task, self.lvlm_dtype = model_type, path, task, dtype
+        self.generation = dict(generation or {})
+        self.loader, self.lvlm_kwargs = loader, dict(lvlm_kwargs or {})
+        self.lvlm: Any = None
+
+    def load_lvlm(self) -> None:
+        """Load the LVLM once, on this rank's device (only when there is work to do)."""
+        if self.lvlm is not None:
+            return
+        from leverlm.lvlm import load_lvlm, register_lvlm
+
+        if self.loader:
+            register_lvlm(self.model_type, self.loader)
+        self.lvlm = load_lvlm(
+            self.model_type,
+            self.lvlm_path,
+            self.task,
+            dtype=self.lvlm_dtype,
+            device=self.device,
+            **self.lvlm_kwargs,
+        )
+
+    def on_test_start(self) -> None:
+        self.load_lvlm()
+
+    def predict_item(self, item: dict[str, Any]) -> list[EvalPrediction]:
+        """Generate for one work item; returns its predictions in query order."""
+        self.load_lvlm()
+        queries = item["queries"]
+        icd_seqs = [[item["icds"][p] for p in seq] for seq in item["icd_positions"]]
+        texts = self.lvlm.generate(icd_seqs, queries, **self.generation)
+        if len(texts) != len(queries):
+            raise EvalError(
+                f"the LVLM returned {len(texts)} generations for {len(queries)} queries"
+            )
+        task = self.lvlm.task
+        return [
+            EvalPrediction(
+                query_key=str(q["__key__"]),
+                method=item["method"],
+                shots=int(item["shots"]),
+                icd_positions=tuple(int(p) for p in seq),
+                prediction=text,
+                references=tuple(references_of(task, q)),
+            )
+            for q, seq, text in zip(queries, item["icd_positions"], texts, strict=True)
+        ]
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return {"predictions": self.predict_item(batch)}
+
+
+# ---------------------------------------------------------------------------------------------
+# part files, merge, report
+# ---------------------------------------------------------------------------------------------
+
+
+def read_parts(out: str | os.PathLike) -> list[Prediction]:
+    """Every prediction in ``out``'s part files (identical repeats merged; conflicts named)."""
+    try:
+        return read_predictions(part_files(out))
+    except ReportError as err:
+        raise EvalError(f"{Path(out) / 'parts'}: {err}") from err
+
+
+def done_units(out: str | os.PathLike) -> set[tuple[str, str, int]]:
+    """(query_key, method, shots) already finished in ``out``'s part files."""
+    return {(p.query_key, p.method, p.shots) for p in read_parts(out)}
+
+
+def prepare_eval_out(out: str | os.PathLike, header: dict[str, Any], overwrite: bool) -> str:
+    """Make ``out`` ready (one process only): the gt job's :func:`prepare_out_dir`, plus
+    removing this job's merged files when overwriting another run."""
+    out = Path(out)
+    status = _out_status(out, header["config_sha256"], overwrite)
+    if status == "overwrite":
+        for name in (PREDICTIONS, *REPORT_FILES):
+            (out / name).unlink(missing_ok=True)
+    prepare_out_dir(out, header, overwrite)
+    return status
+
+
+def _out_status(out: Path, config_sha256: str, overwrite: bool) -> str:
+    try:
+        return check_out_dir(out, config_sha256, overwrite)
+    except GtConfigMismatch:
+        raise EvalConfigError(
+            f"output folder {str(out)!r} holds eval results of a different config (this run's "
+            f"config_sha256 is {config_sha256[:12]}...); choose another --out, or pass "
+            "--overwrite to delete them"
+        ) from None
+    except GtDataError as err:
+        raise EvalConfigError(f"--out: {err}") from err
+
+
+class EvalWriter(Callback):
+    """Writes each rank's predictions as atomic part files (``part_size`` predictions each).
+
+    In ``setup`` (every rank, after the data module retrieved the ICDs): rank 0 prepares
+    ``out`` and writes the run header; after a barrier every rank reads what is done and tells
+    the data module to skip it. Buffered predictions are flushed at the end of the loop and on
+    an exception (they are complete; only unwritten work is lost to a crash).
+    """
+
+    def __init__(
+        self, out: str, header: dict[str, Any], overwrite: bool = False, part_size: int = 64
+    ) -> None:
+        super().__init__()
+        self.out, self.header, self.overwrite = Path(out), header, overwrite
+        self.part_size = part_size
+        self.buffer: list[EvalPrediction] = []
+        self.seq = 0
+        self.written = 0
+        self.rank = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.rank = trainer.global_rank
+        if trainer.is_global_zero:
+            status = prepare_eval_out(self.out, self.header, self.overwrite)
+            log.info("eval output %s: %s", self.out, status)
+        trainer.strategy.barrier("eval-prepare-out")
+        done = done_units(self.out)
+        dm = trainer.datamodule
+        if isinstance(dm, EvalDataModule):
+            dm.skip(done)
+            items = dm.rank_items
+            log.info(
+                "rank %d: skipped %d predictions already done, %d work items (%d predictions) "
+                "to do on this rank",
+                trainer.global_rank,
+                len(done),
+                len(items),
+                sum(len(it.rows) for it in items),
+            )
+        self.seq = next_part_seq(self.out, trainer.global_rank)
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        write_part(self.out, self.rank, self.seq, self.buffer)
+        self.seq += 1
+        self.written += len(self.buffer)
+        self.buffer = []
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.buffer += outputs["predictions"]
+        if len(self.buffer) >= self.part_size:
+            self.flush()
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.flush()
+        log.info("rank %d: wrote %d predictions", trainer.global_rank, self.written)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self.flush()
+
+
+def finalize_results(
+    out: str | os.PathLike,
+    *,
+    trained_shots: int | None = None,
+    interpolation_max_shots: int = 4,
+    formats: str | Sequence[str] = "md,csv,json,png",
+) -> Report:
+    """Merge ``out``'s part files into ``predictions.jsonl`` + ``manifest.json`` and report.
+
+    Every (query, method, shots) of the run header must be present exactly once; nothing is
+    written otherwise. The manifest is written after the predictions, so its presence marks
+    complete results; the report files follow.
+    """
+    from leverlm.data.collection import Collection
+    from leverlm.report import parse_formats, write_report
+
+    out = Path(out)
+    fmts = parse_formats(formats)
+    header = read_header(out)
+    if header is None:
+        raise EvalError(f"{out / 'parts' / 'config.json'}: no run header; nothing to merge")
+    manifest = header["manifest"]
+    if manifest.get("format") != FORMAT:
+        raise EvalError(f"{out}: the run header is not an eval run's (format {FORMAT!r})")
+    all_keys = Collection(manifest["queries"]["path"]).keys
+    keys = [all_keys[p] for p in header["anchors"]]
+    units = [(m, int(s)) for m, s in manifest["units"]]
+    expected = {(k, m, s) for k in keys for m, s in units}
+    preds = read_parts(out)
+    got = {(p.query_key, p.method, p.shots) for p in preds}
+    missing = sorted(expected - got)
+    if missing:
+        raise EvalError(
+            f"{out}: {len(missing)} of {len(expected)} predictions are missing "
+            f"(first: {missing[:3]}); rerun the same command to finish them"
+        )
+    extra = sorted(got - expected)
+    if extra:
+        raise EvalError(f"{out}: part files hold predictions not in this run: {extra[:3]}")
+    with atomic_open(out / PREDICTIONS, "w", encoding="utf-8") as fh:
+        for pred in preds:  # sorted by (method, shots, query_key) by read_predictions
+            fh.write(prediction_line(pred) + "\n")
+    final = {
+        **manifest,
+        "version": VERSION,
+        "num_queries": len(keys),
+        "num_predictions": len(preds),
+        "trained_shots": trained_shots,
+        "interpolation_max_shots": interpolation_max_shots,
+        "config": header["config"],
+        "config_sha256": header["config_sha256"],
+    }
+    atomic_write_json(out / MANIFEST, final)
+    return write_report(out, out, fmts, interpolation_max_shots)
+
+
+def log_results(
+    loggers: Sequence[Any], report: Report, out: str | os.PathLike, num_samples: int = 4
+) -> None:
+    """The report's table, plot and a few sample predictions (with images) to each logger."""
+    from leverlm.data.collection import Collection
+    from leverlm.report import attach_images, log_report_to_logger, select_samples
+
+    if not loggers:
+        return
+    samples = None
+    if num_samples > 0 and any(hasattr(lg, "log_table") for lg in loggers):
+        manifest = read_header(out)["manifest"]
+        queries = Collection(manifest["queries"]["path"])
+        support = Collection(manifest["supporting_set"]["path"])
+        chosen = select_samples(read_predictions([Path(out) / PREDICTIONS]), num_samples)
+        samples = attach_images(
+            chosen,
+            lambda key: queries.image(queries.position_of(key)),
+            support.image,
+        )
+    for logger in loggers:
+        log_report_to_logger(logger, report.rows, report.paths.get("png"), samples)
+        logger.save()
+
+
+# ---------------------------------------------------------------------------------------------
+# planning: validate everything before any model loads
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalPlan:
+    """What a run will do: its parts-folder header, the status of ``out``, report settings."""
+
+    header: dict[str, Any]
+    status: str
+    specs: list[MethodSpec]
+    trained_shots: int | None
+
+
+def _collection_info(path: str, what: str) -> dict[str, Any]:
+    from leverlm.data.collection import CollectionError, read_manifest
+
+    try:
+        manifest = read_manifest(path)
+    except CollectionError as err:
+        raise EvalConfigError(f"data.{what}: {err}") from err
+    return {
+        "path": _abspath(path),
+        "name": manifest["name"],
+        "task": manifest["task"],
+        "num_samples": int(manifest["num_samples"]),
+        "manifest_sha256": sha256_file(Path(path) / "manifest.json"),
+    }
+
+
+def _check_store(path: str, collection: dict[str, Any], what: str) -> str:
+    """Open a feature store and check it was built for ``collection``; its manifest sha256."""
+    from leverlm.encoders import FeatureStore, FeatureStoreError
+
+    try:
+        store = FeatureStore(path)
+        store.check_matches(collection["path"])
+    except FeatureStoreError as err:
+        raise EvalConfigError(f"data.{what}: {err}") from err
+    if len(store) != collection["num_samples"]:
+        raise EvalConfigError(
+            f"data.{what}: feature store {path} has {len(store)} rows but collection "
+            f"{collection['path']} has {collection['num_samples']} samples"
+        )
+    return sha256_file(Path(path) / "manifest.json")
+
+
+def checkpoint_summary(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(leverlm_config, leverlm_info)`` of a Lever-LM checkpoint, memory-mapped (cheap)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a zip checkpoint (no mmap) or extra pickled types
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - whatever torch raises, name the file
+            raise EvalConfigError(f"Lever-LM checkpoint {path!r} cannot be read: {err}") from err
+    if not isinstance(ckpt, dict) or "leverlm_config" not in ckpt:
+        raise EvalConfigError(f"{path!r} is not a Lever-LM checkpoint (no 'leverlm_config')")
+    return dict(ckpt["leverlm_config"]), dict(ckpt.get("leverlm_info") or {})
+
+
+def _check_lever(
+    spec: MethodSpec, data: dict[str, Any], support: dict[str, Any]
+) -> tuple[str, int | None]:
+    """Check a Lever-LM method against the supporting set; its checkpoint sha256 and the shots
+    it was trained on (when the checkpoint records them)."""
+    ckpt = spec.kwargs["checkpoint"]
+    config, info = checkpoint_summary(ckpt)
+    where = f"data.retrievers.{spec.method}.checkpoint {ckpt!r}"
+    if int(config.get("num_icds", -1)) != support["num_samples"]:
+        raise EvalConfigError(
+            f"{where}: its vocabulary has {config.get('num_icds')} ICDs but the supporting set "
+            f"{support['path']} has {support['num_samples']} samples"
+        )
+    wants_queries = bool(config.get("query_features"))
+    if wants_queries and not (
+        spec.kwargs.get("query_feature_store")
+        or data.get("query_features")
+        or info.get("clip_trainable")
+    ):
+        raise EvalConfigError(
+            f"method {spec.method!r} needs the query collection's features: set "
+            "data.query_features (a feature store of data.queries)"
+        )
+    trained = info.get("trained_shots")
+    return sha256_file(ckpt), int(trained) if isinstance(trained, int) else None
+
+
+def plan_eval(
+    data: dict[str, Any],
+    model: dict[str, Any],
+    out: str | None,
+    overwrite: bool = False,
+    trained_shots: int | None = None,
+) -> EvalPlan:
+    """Check an eval config and build its run header; raises naming the bad value.
+
+    Reads only small files (collection and feature-store manifests, the memory-mapped Lever-LM
+    checkpoint header, a gt dataset for ``fixed``, the output folder's run header); loads no
+    LVLM.
+    """
+    from leverlm.lvlm.base import (
+        LVLMError,
+        check_checkpoint_dir,
+        is_local_path,
+        known_model_types,
+        resolve_dtype,
+    )
+    from leverlm.tasks import TaskError, get_task
+
+    if not out:
+        raise EvalConfigError("no output folder: pass --out DIR")
+    data, model = dict(data), dict(model)
+    try:
+        task = get_task(model["task"])
+    except TaskError as err:
+        raise EvalConfigError(f"model.task: {err}") from err
+    methods, shots = check_methods_and_shots(data.get("methods"), data.get("shots"))
+    queries = _collection_info(data["queries"], "queries")
+    support = _collection_info(data["supporting_set"], "supporting_set")
+    for what, info in (("queries", queries), ("supporting_set", support)):
+        if info["task"] != task.name:
+            raise EvalConfigError(
+                f"model.task={model['task']!r} is a {task.name!r} task but data.{what} "
+                f"{info['path']} holds {info['task']!r} samples"
+            )
+    positions = select_queries(queries["num_samples"], data.get("limit"), int(data.get("seed", 0)))
+    for arg in ("batch_size", "num_workers"):
+        value = data.get(arg)
+        low = 1 if arg == "batch_size" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise EvalConfigError(f"data.{arg} must be an int >= {low}, got {value!r}")
+    if shots and shots[-1] > support["num_samples"]:
+        raise EvalConfigError(
+            f"data.shots has shots={shots[-1]} but the supporting set {support['path']} has "
+            f"only {support['num_samples']} samples"
+        )
+    # A query without references would fail only at its batch: look at the first one now.
+    from leverlm.data.collection import Collection
+
+    references_of(task, Collection(queries["path"]).fields(positions[0]))
+
+    specs = resolve_methods(methods, data.get("retrievers"), support["num_samples"])
+    stores: dict[str, str] = {}
+    for key, coll in (("support_features", support), ("query_features", queries)):
+        if data.get(key):
+            stores[key] = _check_store(data[key], coll, key)
+    checksums: dict[str, Any] = {
+        "queries": queries["manifest_sha256"],
+        "supporting_set": support["manifest_sha256"],
+        **{f"{k}_manifest": v for k, v in stores.items()},
+    }
+    for spec in specs:
+        if needs_feature_arrays(spec):
+            lacking = [k for k in ("support_features", "query_features") if not data.get(k)]
+            if lacking:
+                raise EvalConfigError(
+                    f"method {spec.method!r} ({spec.retriever}) compares CLIP features: set "
+                    f"{' and '.join('data.' + k for k in lacking)} (feature stores of "
+                    "data.supporting_set / data.queries, from `leverlm features`)"
+                )
+        for key, coll in (("support_feature_store", support), ("query_feature_store", queries)):
+            path = spec.kwargs.get(key)
+            if isinstance(path, str):
+                checksums[f"{spec.method}.{key}_manifest"] = _check_store(
+                    path, coll, f"retrievers.{spec.method}.{key}"
+                )
+        if spec.retriever in LEVER_RETRIEVERS:
+            sha, recorded = _check_lever(spec, data, support)
+            checksums[f"{spec.method}.checkpoint"] = sha
+            if trained_shots is None and spec.method == "lever_lm":
+                trained_shots = recorded
+
+    if not model.get("loader") and model["model_type"] not in known_model_types():
+        raise EvalConfigError(
+            f"model.model_type={model['model_type']!r}; known: {', '.join(known_model_types())}"
+        )
+    generation = model.get("generation") or {}
+    if not isinstance(generation, dict):
+        raise EvalConfigError(f"model.generation must be a mapping, got {generation!r}")
+    try:
+        resolve_dtype(model["dtype"])
+        if not model["path"]:
+            raise LVLMError("model.path is empty: give the LVLM checkpoint folder")
+        if is_local_path(model["path"]):
+            check_checkpoint_dir(model["path"])
+            model["path"] = _abspath(model["path"])
+    except LVLMError as err:
+        raise EvalConfigError(f"model.path: {err}") from err
+
+    # Only what determines the predictions: no worker counts.
+    result_data = {k: v for k, v in data.items() if k != "num_workers"}
+    result_data.update(
+        queries=queries["path"],
+        supporting_set=support["path"],
+        query_features=_abspath(data.get("query_features")),
+        support_features=_abspath(data.get("support_features")),
+        methods=methods,
+        shots=shots,
+        retrievers={s.method: s.to_json() for s in specs},
+    )
+    config = {"data": result_data, "model": model, "checksums": checksums}
+    units = eval_units(methods, shots)
+    manifest = {
+        "format": FORMAT,
+        "task": task.name,
+        "task_config": model["task"],
+        "metric": task.metric,
+        "lvlm": lvlm_id(model["model_type"], model["path"]),
+        "lvlm_config": {
+            "model_type": model["model_type"],
+            "path": model["path"],
+            "dtype": model["dtype"],
+            "generation": task.generation_kwargs | generation,
+        },
+        "methods": methods,
+        "shots": shots,
+        "units": [[m, s] for m, s in units],
+        "limit": data.get("limit"),
+        "seed": int(data.get("seed", 0)),
+        "queries": {k: v for k, v in queries.items() if k != "task"},
+        "supporting_set": {k: v for k, v in support.items() if k != "task"},
+    }
+    header = make_header(config, positions, manifest)
+    status = _out_status(Path(out), header["config_sha256"], overwrite)
+    return EvalPlan(header, status, specs, trained_shots)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def default_logger(out: str) -> Any:
+    """wandb under ``OUT/logs``: offline unless an API key is set (``WANDB_MODE`` wins)."""
+    from leverlm.lever.module import AutoWandbLogger
+
+    return AutoWandbLogger(project="leverlm-eval", save_dir=str(Path(out) / "logs"))
+
+
+class EvalCLI(LightningCLI):
+    """LightningCLI with only ``test``, output/report options, early checks, merge + report."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"test": {"model", "dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--out", type=str | None, default=None, help="results folder")
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="delete results of a different config in --out instead of refusing",
+        )
+        parser.add_argument(
+            "--part_size", type=int, default=64, help="predictions per part file (resume unit)"
+        )
+        parser.add_argument(
+            "--trained_shots",
+            type=int | None,
+            default=None,
+            help="shots Lever-LM was trained on (default: as recorded in its checkpoint)",
+        )
+        parser.add_argument(
+            "--interpolation_max_shots",
+            type=int,
+            default=4,
+            help="largest shot count reported as interpolation (paper: 4)",
+        )
+        parser.add_argument(
+            "--report_formats", type=str, default="md,csv,json,png", help="report files"
+        )
+        parser.add_argument(
+            "--log_samples", type=int, default=4, help="sample queries logged with images"
+        )
+        parser.add_argument(
+            "--cpu_threads",
+            type=int | None,
+            default=None,
+            help="torch intra-op CPU threads (default: torch's choice); 1 suits tiny models",
+        )
+        parser.link_arguments("model.task", "data.task")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        from leverlm.report import ReportError, parse_formats
+
+        if cfg["cpu_threads"] is not None:
+            if cfg["cpu_threads"] < 1:
+                raise EvalConfigError(f"--cpu_threads={cfg['cpu_threads']} must be >= 1")
+            # On a busy CPU, threads of a tiny model's small ops fight (measured: 20x slower).
+            torch.set_num_threads(cfg["cpu_threads"])
+        if cfg["part_size"] < 1:
+            raise EvalConfigError(f"--part_size must be >= 1, got {cfg['part_size']}")
+        if cfg["interpolation_max_shots"] < 0:
+            raise EvalConfigError(
+                f"--interpolation_max_shots must be >= 0, got {cfg['interpolation_max_shots']}"
+            )
+        try:
+            parse_formats(cfg["report_formats"])
+        except ReportError as err:
+            raise EvalConfigError(f"--report_formats: {err}") from err
+        self.plan = plan_eval(
+            cfg["data"].as_dict(),
+            cfg["model"].as_dict(),
+            cfg["out"],
+            cfg["overwrite"],
+            cfg["trained_shots"],
+        )
+        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+            units = self.plan.header["manifest"]["units"]
+            log.info(
+                "eval: %d queries x %d (method, shots), config %s..., output %s (%s)",
+                len(self.plan.header["anchors"]),
+                len(units),
+                self.plan.header["config_sha256"][:12],
+                cfg["out"],
+                self.plan.status,
+            )
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        cfg = self.config[self.subcommand]
+        if cfg["trainer"].get("logger") in (None, True):
+            kwargs["logger"] = default_logger(cfg["out"])
+        callbacks = list(self._get(self.config_init, "trainer", {}).get("callbacks") or [])
+        self.writer = EvalWriter(
+            cfg["out"], self.plan.header, cfg["overwrite"], part_size=cfg["part_size"]
+        )
+        kwargs["callbacks"] = [*callbacks, self.writer]
+        return super().instantiate_trainer(**kwargs)
+
+    def test(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.trainer.test(model, datamodule=datamodule, verbose=False)
+
+    def after_test(self) -> None:
+        cfg = self.config[self.subcommand]
+        trainer = self.trainer
+        if trainer.interrupted:
+            log.warning("eval interrupted; rerun the same command to finish %s", cfg["out"])
+            return
+        trainer.strategy.barrier("eval-merge")
+        if trainer.is_global_zero:
+            report = finalize_results(
+                cfg["out"],
+                trained_shots=self.plan.trained_shots,
+                interpolation_max_shots=cfg["interpolation_max_shots"],
+                formats=cfg["report_formats"],
+            )
+            print(report.markdown, end="", flush=True)
+            log_results(trainer.loggers, report, cfg["out"], cfg["log_samples"])
+            log.info("eval results written to %s", cfg["out"])
+        # No barrier after the merge: a failing merge on rank 0 must not leave the others
+        # waiting; they have nothing left to do.
+
+
+def merge_main(argv: list[str]) -> int:
+    """``leverlm eval merge --out DIR``: merge and report the part files of a finished run."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="leverlm eval merge", description=merge_main.__doc__)
+    parser.add_argument("--out", required=True, help="the folder given to `leverlm eval test`")
+    parser.add_argument("--trained_shots", type=int, default=None)
+    parser.add_argument("--interpolation_max_shots", type=int, default=4)
+    parser.add_argument("--report_formats", default="md,csv,json,png")
+    args = parser.parse_args(argv)
+    report = finalize_results(
+        args.out,
+        trained_shots=args.trained_shots,
+        interpolation_max_shots=args.interpolation_max_shots,
+        formats=args.report_formats,
+    )
+    print(report.markdown, end="")
+    return 0
+
+
+def _setup_logging() -> None:
+    """INFO logs of ``leverlm.eval`` on stderr, unless the application configured logging."""
+    log.setLevel(logging.INFO)
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``leverlm eval test ...`` (LightningCLI) or ``leverlm eval merge --out DIR``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _setup_logging()
+    try:
+        if argv and argv[0] == "merge":
+            return merge_main(argv[1:])
+        # `leverlm eval ...` passes its argv explicitly while sys.argv holds the whole command
+        # (which DDP launchers re-run); Lightning warns about that pairing, harmlessly here.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        # Items carry their query keys; Lightning's batch-index tracking is not needed.
+        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+        # EvalItems deals whole items to DataLoader workers, so its length is exact.
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__`")
+        EvalCLI(
+            EvalModule,
+            EvalDataModule,
+            args=argv,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_callback=None,
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+        )
+    except (EvalConfigError, EvalError, RetrieverError, GtDataError, ReportError) as err:
+        print(f"leverlm eval: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = [
+    "EvalCLI",
+    "EvalConfigError",
+    "EvalDataModule",
+    "EvalError",
+    "EvalItems",
+    "EvalModule",
+    "EvalPlan",
+    "EvalPrediction",
+    "EvalWriter",
+    "MethodSpec",
+    "WorkItem",
+    "build_retrievers",
+    "check_methods_and_shots",
+    "check_retrieved",
+    "default_logger",
+    "done_units",
+    "eval_units",
+    "finalize_results",
+    "log_results",
+    "main",
+    "merge_main",
+    "plan_eval",
+    "read_parts",
+    "references_of",
+    "resolve_methods",
+    "select_queries",
+]

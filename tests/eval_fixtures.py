@@ -1,0 +1,151 @@
+"""A tiny evaluation world for the eval tests: VQA collections, feature stores, a gt dataset,
+a Lever-LM checkpoint and an eval config (the tiny IDEFICS is built by the tests that need it).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NUM_SUPPORT = 30
+NUM_QUERIES = 16
+DIM = 8
+COLORS = ["red", "green", "blue", "teal", "gray"]
+
+
+def _image(i: int) -> bytes:
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (32, 32), (i * 37 % 256, i * 91 % 256, i * 13 % 256))
+    ImageDraw.Draw(im).rectangle([2 + i % 9, 3, 20, 12 + i % 13], fill=(250 - i * 7, 20, i * 9))
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def vqa_collection(path: Path, n: int, split: str, offset: int = 0) -> Path:
+    """``n`` VQA samples; every 3rd a yes/no question, the others a colour; answers vary."""
+    from leverlm.data.collection import SampleRecord, write_collection
+
+    records = []
+    for j in range(n):
+        i = j + offset
+        answer = COLORS[i % 5] if i % 3 else ("yes" if i % 2 else "no")
+        question = "What color is the shape?" if i % 3 else "Is there a circle?"
+        # Mixed human answers, so VQA accuracy takes fractional values.
+        answers = [answer] * 7 + [COLORS[(i + 1) % 5]] * 3
+        fields = {
+            "question_id": i,
+            "image_id": i,
+            "question": question,
+            "answers": answers,
+            "answer": answer,
+            "answer_type": "other",
+            "question_type": "what",
+        }
+        records.append(SampleRecord(f"{split}-{i:06d}", _image(i), "png", fields))
+    return write_collection(path, records, name=f"tiny-vqa-{split}", task="vqa", split=split)
+
+
+def feature_store(path: Path, collection: Path, seed: int) -> Path:
+    """A complete feature store of random (but fixed) features for ``collection``."""
+    from leverlm.data.collection import read_manifest
+    from leverlm.utils import sha256_file
+
+    n = int(read_manifest(collection)["num_samples"])
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True)
+    np.save(path / "image.npy", rng.standard_normal((n, DIM)).astype(np.float16))
+    np.save(path / "text.npy", rng.standard_normal((n, DIM)).astype(np.float16))
+    manifest = {
+        "format": "leverlm-features",
+        "version": 1,
+        "model_name": "test-random",
+        "dim": DIM,
+        "dtype": "float16",
+        "normalize": False,
+        "collection_name": read_manifest(collection)["name"],
+        "collection_path": str(collection),
+        "collection_manifest_sha256": sha256_file(collection / "manifest.json"),
+        "num_rows": n,
+        "complete": True,
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def gt_dataset(path: Path, num_support: int) -> tuple[Path, list[int]]:
+    """A merged gt dataset of 4 anchors; returns it and the best record's best sequence."""
+    from leverlm.gt.data import GtRecord, make_header, merge, prepare_out_dir, write_part
+
+    records = [
+        GtRecord("a0", 0, [[5, 9], [9, 5]], [0.25, 0.125], [[0.5, 0.25], [0.25, 0.125]]),
+        GtRecord("a3", 3, [[7, 2], [2, 7]], [0.75, 0.5], [[0.5, 0.75], [0.25, 0.5]]),
+        # ties with a3 at 0.75 but has a higher anchor position: a3 wins
+        GtRecord("a8", 8, [[1, 4], [4, 1]], [0.75, 0.25], [[0.5, 0.75], [0.5, 0.25]]),
+        GtRecord("a11", 11, [[6, 12], [12, 6]], [-0.5, -0.75], [[0.5, -0.5], [0.5, -0.75]]),
+    ]
+    manifest = {"task": "vqa", "order": "left", "shots": 2, "beam_size": 2,
+                "supporting_set": {"num_samples": num_support}}  # fmt: skip
+    header = make_header({"test": True}, [r.anchor_position for r in records], manifest)
+    prepare_out_dir(path, header)
+    write_part(path, 0, 0, records)
+    merge(path)
+    return path, [7, 2]
+
+
+def lever_checkpoint(path: Path, support_store: Path, **info: Any) -> Path:
+    """A randomly initialised tiny Lever-LM checkpoint in the trainer's format."""
+    import torch
+
+    from leverlm.lever.model import LeverLMConfig, LeverLMModel
+
+    torch.manual_seed(0)
+    config = LeverLMConfig(
+        num_icds=NUM_SUPPORT,
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        n_positions=16,
+        dropout=0.0,
+        feature_dim=DIM,
+        query_features=("image",),
+        icd_features=("image", "text"),
+    )
+    model = LeverLMModel(config)
+    ckpt = {
+        "leverlm_config": config.to_dict(),
+        "leverlm_info": {
+            "feature_store": str(support_store),
+            "supporting_set": None,
+            "task": "vqa",
+            "clip_trainable": False,
+            "clip_model": "none",
+            **info,
+        },
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+    }
+    torch.save(ckpt, path)
+    return path
+
+
+def build_world(root: Path) -> dict[str, Path]:
+    """Collections, stores, gt dataset and Lever-LM checkpoint under ``root``."""
+    support = vqa_collection(root / "support", NUM_SUPPORT, "train")
+    queries = vqa_collection(root / "queries", NUM_QUERIES, "val", offset=1000)
+    support_store = feature_store(root / "feat-support", support, seed=1)
+    query_store = feature_store(root / "feat-queries", queries, seed=2)
+    gt, _ = gt_dataset(root / "gt", NUM_SUPPORT)
+    ckpt = lever_checkpoint(root / "lever.ckpt", support_store, trained_shots=2)
+    return {
+        "support": support,
+        "queries": queries,
+        "support_store": support_store,
+        "query_store": query_store,
+        "gt": gt,
+        "ckpt": ckpt,
+    }
