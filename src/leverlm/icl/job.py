@@ -388,14 +388,16 @@ def _identity(x: Any) -> Any:
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One batched generate call: query rows ``rows`` of batch ``batch`` for (method, shots)."""
+    """One batched generate call: query rows ``rows`` of batch ``batch`` for (method, shots).
+
+    Rows index the run's query list; positions and ICDs are looked up when the item is loaded
+    (a full VQAv2 run has ~400k items: they stay small).
+    """
 
     batch: int
     method: str
     shots: int
-    rows: tuple[int, ...]  # indices into the run's query list
-    positions: tuple[int, ...]  # the queries' collection positions
-    icds: tuple[tuple[int, ...], ...]  # per query, supporting-set positions in prompt order
+    rows: Sequence[int]  # a range when the whole batch is to do
 
 
 class EvalItems(torch.utils.data.IterableDataset):
@@ -404,11 +406,23 @@ class EvalItems(torch.utils.data.IterableDataset):
     Each item: ``{"method", "shots", "batch", "queries": [sample, ...], "icd_positions":
     [[pos, ...], ...], "icds": {pos: sample}}``. DataLoader workers take every
     ``num_workers``-th item, so each item is yielded exactly once.
+
+    Args:
+        positions: collection position of each query row.
+        table: ``{(method, shots): (Q, shots) array}`` of supporting-set positions.
     """
 
-    def __init__(self, queries: str, supporting_set: str, items: Sequence[WorkItem]) -> None:
+    def __init__(
+        self,
+        queries: str,
+        supporting_set: str,
+        items: Sequence[WorkItem],
+        positions: Sequence[int],
+        table: dict[tuple[str, int], np.ndarray],
+    ) -> None:
         super().__init__()
         self.queries, self.supporting_set, self.items = queries, supporting_set, list(items)
+        self.positions, self.table = positions, table
 
     def __len__(self) -> int:
         return len(self.items)
@@ -420,13 +434,15 @@ class EvalItems(torch.utils.data.IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         queries, support = Collection(self.queries), Collection(self.supporting_set)
         for item in self.items[worker::num_workers]:
-            needed = sorted({p for seq in item.icds for p in seq})
+            rows = list(item.rows)
+            icds = self.table[(item.method, item.shots)][rows].tolist()
+            needed = sorted({p for seq in icds for p in seq})
             yield {
                 "batch": item.batch,
                 "method": item.method,
                 "shots": item.shots,
-                "queries": [queries[p] for p in item.positions],
-                "icd_positions": [list(seq) for seq in item.icds],
+                "queries": [queries[self.positions[r]] for r in rows],
+                "icd_positions": icds,
                 "icds": {p: support[p] for p in needed},
             }
 
@@ -478,6 +494,7 @@ class EvalDataModule(pl.LightningDataModule):
         self._positions: list[int] | None = None
         self._keys: list[str] | None = None
         self._done: set[tuple[str, str, int]] = set()
+        self._items: list[WorkItem] | None = None
 
     # -- the run's queries ------------------------------------------------------------------
     @property
@@ -572,36 +589,34 @@ class EvalDataModule(pl.LightningDataModule):
             device = str(self.trainer.strategy.root_device)
         if self.table is None:
             self.table = self.retrieve_all(device)
+            self._items = None
 
     # -- work --------------------------------------------------------------------------------
     def skip(self, done: set[tuple[str, str, int]]) -> None:
         """Leave out (query_key, method, shots) already finished by an earlier run."""
         self._done = set(done)
+        self._items = None
 
     @property
     def items(self) -> list[WorkItem]:
         """Work items still to do, over all ranks, in a fixed order (batch, then unit)."""
         if self.table is None:
             raise EvalError("EvalDataModule.setup() has not run: no ICDs retrieved yet")
-        keys, positions = self.query_keys, self.query_positions
-        out = []
-        for b, start in enumerate(range(0, len(keys), self.batch_size)):
-            batch_rows = range(start, min(start + self.batch_size, len(keys)))
-            for method, shots in self.units:
-                rows = tuple(r for r in batch_rows if (keys[r], method, shots) not in self._done)
-                if rows:
-                    icds = self.table[(method, shots)]
-                    out.append(
-                        WorkItem(
-                            b,
-                            method,
-                            shots,
-                            rows,
-                            tuple(positions[r] for r in rows),
-                            tuple(tuple(int(p) for p in icds[r]) for r in rows),
+        if self._items is None:
+            keys, out = self.query_keys, []
+            for b, start in enumerate(range(0, len(keys), self.batch_size)):
+                batch_rows = range(start, min(start + self.batch_size, len(keys)))
+                for method, shots in self.units:
+                    rows: Sequence[int] = batch_rows
+                    if self._done:
+                        todo = tuple(
+                            r for r in batch_rows if (keys[r], method, shots) not in self._done
                         )
-                    )
-        return out
+                        rows = batch_rows if len(todo) == len(batch_rows) else todo
+                    if rows:
+                        out.append(WorkItem(b, method, shots, rows))
+            self._items = out
+        return self._items
 
     @property
     def rank_items(self) -> list[WorkItem]:
@@ -609,7 +624,14 @@ class EvalDataModule(pl.LightningDataModule):
         return self.items[self.rank :: self.world_size]
 
     def test_dataloader(self) -> torch.utils.data.DataLoader:
-        dataset = EvalItems(_abspath(self.queries), _abspath(self.supporting_set), self.rank_items)
+        assert self.table is not None
+        dataset = EvalItems(
+            _abspath(self.queries),
+            _abspath(self.supporting_set),
+            self.rank_items,
+            self.query_positions,
+            self.table,
+        )
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=None,
@@ -716,8 +738,28 @@ def read_parts(out: str | os.PathLike) -> list[Prediction]:
 
 
 def done_units(out: str | os.PathLike) -> set[tuple[str, str, int]]:
-    """(query_key, method, shots) already finished in ``out``'s part files."""
-    return {(p.query_key, p.method, p.shots) for p in read_parts(out)}
+    """(query_key, method, shots) already finished in ``out``'s part files.
+
+    Reads only those three fields (a resumed full VQAv2 run holds millions of predictions;
+    the merge validates everything).
+    """
+    import json
+
+    done: set[tuple[str, str, int]] = set()
+    for path in part_files(out):
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    # Interned: the same key and method strings are shared by every unit.
+                    done.add(
+                        (sys.intern(obj["query_key"]), sys.intern(obj["method"]), int(obj["shots"]))
+                    )
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                    raise EvalError(f"{path}:{lineno}: not a prediction line ({err!r})") from None
+    return done
 
 
 def prepare_eval_out(out: str | os.PathLike, header: dict[str, Any], overwrite: bool) -> str:
