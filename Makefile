@@ -48,6 +48,34 @@ format: install ## apply ruff fixes and formatting
 demo: install ## the whole pipeline on the embedded easy-vqa set (CPU, minutes)
 	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) $(ARGS)
 
+# Pipeline steps. Without CONFIG they run on the demo's easy-vqa set under $(DEMO_DIR) (each
+# step prepares what it needs); with CONFIG they run that config, e.g.
+#   make gt-data CONFIG=experiments/vqav2/gt_idefics.yaml ARGS="--trainer.devices 8"
+CONFIG ?=
+gt-data: install ## ground-truth ICD sequences (LVLM beam search) [CONFIG=, ARGS=]
+ifeq ($(CONFIG),)
+	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --steps prep,lvlm,gt --gt-args "$(ARGS)"
+else
+	$(VENV)/bin/leverlm gt predict --config $(CONFIG) $(ARGS)
+endif
+
+train: install ## train Lever-LM on the gt data [CONFIG=, ARGS=]
+ifeq ($(CONFIG),)
+	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --steps prep,lvlm,features,gt,train --train-args "$(ARGS)"
+else
+	$(VENV)/bin/leverlm train fit --config $(CONFIG) $(ARGS)
+endif
+
+eval: install ## in-context evaluation of Lever-LM vs the baselines, prints the table [CONFIG=, ARGS=]
+ifeq ($(CONFIG),)
+	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --eval-args "$(ARGS)"
+else
+	$(VENV)/bin/leverlm eval test --config $(CONFIG) $(ARGS)
+endif
+
+report: install ## tables and plot from eval results: make report RESULTS=dir [OUT=dir]
+	$(VENV)/bin/leverlm report $(or $(RESULTS),$(DEMO_DIR)/eval) --out $(or $(OUT),$(DEMO_DIR))
+
 bench: install ## benchmarks: fast paths vs reference paths, ratios in one run
 	$(VENV)/bin/leverlm bench $(ARGS)
 
