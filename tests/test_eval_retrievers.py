@@ -115,6 +115,49 @@ def test_exclusions_are_honoured_per_query(world) -> None:
     assert r.retrieve(_queries(4), 3) == free
 
 
+def test_fine_tuned_clip_checkpoint_encodes_the_queries_it_is_asked_for(world, tmp_path) -> None:
+    """A clip_trainable checkpoint without query features: each query is encoded once with the
+    checkpoint's CLIP; the answers equal encoding the queries directly and selecting."""
+    import torch
+
+    from leverlm.lever.generate import LeverLM, encode_collection
+    from leverlm.lever.module import LeverLMModule
+
+    module = LeverLMModule(
+        num_icds=NUM_SUPPORT,
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        n_positions=16,
+        dropout=0.0,
+        clip_trainable=True,
+        clip_model="leverlm-tiny-clip",
+        query_features=("image", "text"),
+        supporting_set=str(world.support),
+        task="vqa",
+    )
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "clip.ckpt")
+    r = LeverLMRetriever(str(tmp_path / "clip.ckpt"), queries=str(world.queries))
+    encoded = []
+    import leverlm.lever.generate as gen
+
+    real = gen.encode_collection
+    gen.encode_collection = lambda *a, **k: encoded.append(k["positions"]) or real(*a, **k)
+    try:
+        r.prepare(_queries(6)[::2], 3)
+        got = r.retrieve(_queries(6), 3)
+    finally:
+        gen.encode_collection = real
+    assert encoded == [[0, 2, 4], [1, 3, 5]]  # the second call encodes only the new ones
+    lm = LeverLM.from_checkpoint(tmp_path / "clip.ckpt")
+    feats = encode_collection(
+        lm.clip, "leverlm-tiny-clip", world.queries, "vqa", ("image", "text"), positions=range(6)
+    )
+    assert got == lm.select(feats, 3)
+
+
 def test_lever_lm_errors_name_the_problem(world, tmp_path) -> None:
     with pytest.raises(RetrieverError, match="checkpoint .* is required"):
         LeverLMRetriever()

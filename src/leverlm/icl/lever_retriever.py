@@ -57,7 +57,7 @@ class LeverLMRetriever(Retriever):
             checkpoint with a fine-tuned CLIP, the supporting set encoded by that CLIP).
         query_feature_store: the query collection's feature store (row = query ``position``);
             may be omitted for a fine-tuned-CLIP checkpoint: the queries of ``queries`` are then
-            encoded once with the checkpoint's CLIP.
+            encoded (once each, as they are asked for) with the checkpoint's CLIP.
         queries: the query collection folder (only needed for that CLIP encoding).
         num_candidates: the supporting-set size, checked against the checkpoint's vocabulary.
         beam_size: 1 = greedy (the paper); more = beam search over sequences.
@@ -112,7 +112,9 @@ class LeverLMRetriever(Retriever):
         # (position, exclusions) -> greedy sequence of the longest length decoded so far;
         # (position, exclusions, shots) -> beam-search sequence.
         self._cache: dict[tuple, list[int]] = {}
-        self._encoded: dict[str, Any] | None = None  # CLIP-encoded query features by position
+        # Queries encoded by a fine-tuned CLIP checkpoint: {modality: (n, D)}, row of a position.
+        self._encoded: dict[str, Any] | None = None
+        self._encoded_rows: dict[int, int] = {}
 
     def _features_source(self, positions: list[int]) -> tuple[Any, Any]:
         """(queries argument for ``select``, its ``query_features``) for ``positions``."""
@@ -128,19 +130,31 @@ class LeverLMRetriever(Retriever):
                 "lever_lm: queries (the query collection) is required to encode the queries "
                 "with the checkpoint's fine-tuned CLIP"
             )
-        if self._encoded is None:
-            # One pass over the whole query collection, kept: later calls only gather rows.
+        missing = sorted({p for p in positions if p not in self._encoded_rows})
+        if missing:
+            # Each query is encoded once, by the checkpoint's CLIP; later calls gather rows.
+            import torch
+
             from leverlm.lever.generate import encode_collection
 
             info = self.lever.info
-            self._encoded = encode_collection(
+            fresh = encode_collection(
                 self.lever.clip,
                 info["clip_model"],
                 self.queries,
                 info.get("task"),
                 self.lever.model.config.query_features,
+                positions=missing,
             )
-        return {m: t[positions] for m, t in self._encoded.items()}, None
+            base = len(self._encoded_rows)
+            self._encoded_rows.update({p: base + i for i, p in enumerate(missing)})
+            self._encoded = {
+                m: t if self._encoded is None else torch.cat([self._encoded[m], t])
+                for m, t in fresh.items()
+            }
+        assert self._encoded is not None
+        rows = [self._encoded_rows[p] for p in positions]
+        return {m: t[rows] for m, t in self._encoded.items()}, None
 
     def _select(self, items: list[tuple[int, frozenset[int]]], shots: int) -> list[list[int]]:
         positions = [pos for pos, _ in items]
