@@ -3,13 +3,18 @@
 Layout of a store folder::
 
     manifest.json   encoder, checkpoint (+ sha256), dim, normalisation, collection name +
-                    manifest sha256, text field, num_rows, complete
+                    manifest sha256, text field, num_rows, num_distinct_images/texts, complete
     image.npy       float16 [num_rows, dim]  (numpy .npy, opened with mmap)
     text.npy        float16 [num_rows, dim]
 
-A store is built in a sibling scratch folder ``.<name>.partial/`` (which also holds the
-``done.npy`` row mask a resumed job reads) and moved into place only when every row is written,
+Each distinct image (by content hash) and each distinct text is encoded once; every row holds
+its own copy, so readers never see the deduplication. A store is built in a sibling scratch
+folder ``.<name>.partial/`` (which also holds the build bookkeeping: ``units.npy``, the work
+units, and ``done.npy``, their done mask) and moved into place only when every row is written,
 so a folder with a ``manifest.json`` saying ``complete: true`` is always whole.
+
+Version 2 added the deduplicated build (its bookkeeping and the ``num_distinct_*`` fields);
+version 1 stores hold the same arrays and stay readable.
 """
 
 from __future__ import annotations
@@ -25,15 +30,28 @@ import numpy as np
 from leverlm.utils import sha256_file
 
 FORMAT = "leverlm-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions whose complete stores this code reads (the array layout is the same in all).
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 IMAGE = "image.npy"
 TEXT = "text.npy"
 DONE = "done.npy"
+UNITS = "units.npy"
 DTYPE = np.float16
-# Manifest keys that do not change what the arrays contain (a moved collection or checkpoint
-# still matches; completeness is checked on its own).
-_NON_IDENTITY_KEYS = ("complete", "collection_path", "checkpoint")
+# Manifest keys that do not change what the arrays contain: a moved collection or checkpoint
+# still matches; completeness is checked on its own; the version and the deduplication counts
+# describe how the rows were computed (the counts follow from the collection, already
+# identified by its manifest sha256), not which features they hold.
+_NON_IDENTITY_KEYS = (
+    "complete",
+    "collection_path",
+    "checkpoint",
+    "version",
+    "dedup",
+    "num_distinct_images",
+    "num_distinct_texts",
+)
 
 
 class FeatureStoreError(ValueError):
@@ -111,10 +129,11 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise FeatureStoreError(f"cannot read feature store manifest {file}: {err}") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise FeatureStoreError(f"{file} is not a {FORMAT} manifest (format field)")
-    if manifest.get("version") != FORMAT_VERSION:
+    version = manifest.get("version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise FeatureStoreError(
             f"{file}: version {manifest.get('version')!r} is not supported "
-            f"(expected {FORMAT_VERSION})"
+            f"(readable: {', '.join(map(str, READABLE_VERSIONS))})"
         )
     for key in ("num_rows", "dim"):
         if not isinstance(manifest.get(key), int) or manifest[key] < 0:
