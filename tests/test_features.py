@@ -728,6 +728,20 @@ def test_cli_runs_in_process_and_rejects_unknown_config_keys(colls, tmp_path, ca
         + ["--batch-size", "2", "--no-dedup", "--accelerator", "cpu", "--no-progress"]
     )
     assert rc == 0 and FeatureStore(every).manifest["dedup"] is False
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        rc = features_main(
+            ["--collection", str(colls["caption"]), "--out", str(out), "--model", TINY_CLIP]
+            + ["--batch-size", "2", "--normalize", "--cpu-threads", "1", "--no-progress"]
+        )
+        assert rc == 0 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(SystemExit):
+        features_main(
+            ["--collection", str(colls["vqa"]), "--model", TINY_CLIP, "--cpu-threads", "0"]
+        )
     bad = tmp_path / "bad.yaml"
     bad.write_text("model_name: leverlm-tiny-clip\nbatchsize: 3\n")
     with pytest.raises(SystemExit, match="batchsize"):

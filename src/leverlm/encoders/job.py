@@ -52,7 +52,13 @@ from leverlm.encoders.store import (
     open_array,
     read_manifest,
 )
-from leverlm.utils import atomic_replace_dir, atomic_write_json, fsync_dir, sha256_file
+from leverlm.utils import (
+    atomic_replace_dir,
+    atomic_write_json,
+    fsync_dir,
+    set_cpu_threads,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -852,6 +858,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--strategy", default="auto")
     p.add_argument("--num-workers", dest="num_workers", type=int, default=0)
+    p.add_argument(
+        "--cpu-threads",
+        dest="cpu_threads",
+        type=int,
+        help="torch CPU threads (default: $LEVERLM_THREADS, else torch's choice); "
+        "1 is fastest for small models on a busy machine",
+    )
     p.add_argument("--seed", type=int, default=0, help="random-init seed without --pretrained")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument(
@@ -875,6 +888,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for dest, flag in (("collection_path", "--collection"), ("model_name", "--model")):
         if not getattr(args, dest):
             parser.error(f"{flag} is required (on the command line or in --config)")
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        parser.error(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
+    if args.cpu_threads is not None or os.environ.get("LEVERLM_THREADS"):
+        set_cpu_threads(args.cpu_threads)
     devices: int | str = args.devices
     with contextlib.suppress(ValueError):
         devices = int(devices)
