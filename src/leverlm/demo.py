@@ -131,6 +131,9 @@ class Demo:
                     "leverlm-tiny-clip",
                     "--accelerator",
                     "cpu",
+                    # the tiny encoder's ops are too small to gain from a second thread
+                    "--cpu-threads",
+                    "1",
                 ),
             )
 
