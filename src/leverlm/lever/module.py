@@ -151,9 +151,9 @@ class LeverLMModule(L.LightningModule):
         n_icd = int(is_icd.sum())
         B = targets.shape[0]
         self.log("val/loss", loss, prog_bar=True, batch_size=B, sync_dist=True)
-        if n_icd:
-            acc = correct.sum().float() / n_icd
-            self.log("val/next_icd_acc", acc, batch_size=n_icd, sync_dist=True)
+        # logged on every rank and step (never conditionally), so DDP's reductions line up
+        acc = correct.sum().float() / max(n_icd, 1)
+        self.log("val/next_icd_acc", acc, batch_size=max(n_icd, 1), sync_dist=True)
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -351,6 +351,11 @@ def _run_dir(trainer: L.Trainer) -> str | None:
 
 class LeverLMCLI(LightningCLI):
     """LightningCLI with the data -> model links and the default checkpointing."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # the module has no test/predict steps: offer only what works
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         from lightning.pytorch.callbacks import ModelCheckpoint
