@@ -20,6 +20,8 @@ from typing import Any
 # name -> "module:function(argv) -> list[dict]"; modules are imported only when run.
 BENCHES: dict[str, str] = {
     "scoring": "leverlm.bench:bench_scoring",
+    "train": "leverlm.lever.bench:bench_train",
+    "select": "leverlm.lever.bench:bench_select",
 }
 
 
