@@ -68,7 +68,7 @@ def scoring_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--models",
-        default="idefics",
+        default="idefics,idefics2",
         help="comma-separated model types, or 'all' for every type whose tiny model builds here",
     )
     p.add_argument("--orders", default="left,right", help="comma-separated: left,right")
