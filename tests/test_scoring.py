@@ -138,7 +138,7 @@ def test_bench_scoring_arguments(capsys):
     from leverlm.bench import parse_scoring_args
 
     args = parse_scoring_args([])
-    assert args.models == ["idefics"] and args.orders == ["left", "right"]
+    assert args.models == ["idefics", "idefics2"] and args.orders == ["left", "right"]
     assert (args.candidates, args.shots, args.batch_size) == (64, 2, 32)
     gpu_argv = ["--device", "cuda", "--dtype", "bfloat16", "--config-size", "real"]
     gpu = parse_scoring_args([*gpu_argv, "--peak-tflops", "989"])
@@ -175,7 +175,7 @@ def test_bench_scoring_runs_end_to_end(capsys):
 
     from leverlm.cli import main
 
-    argv = "bench scoring --tiny-size test --candidates 3 --shots 1 --beams 2"
+    argv = "bench scoring --models idefics --tiny-size test --candidates 3 --shots 1 --beams 2"
     argv += " --reference-candidates 2 --image-size 48x40 --batch-size 2 --peak-tflops 1"
     assert main(argv.split()) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]

@@ -68,8 +68,9 @@ def scoring_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--models",
-        default="idefics,idefics2",
-        help="comma-separated model types, or 'all' for every type whose tiny model builds here",
+        default=None,
+        help="comma-separated model types, or 'all' for every type whose tiny model builds here "
+        "(default: idefics,idefics2; idefics with --config-size real)",
     )
     p.add_argument("--orders", default="left,right", help="comma-separated: left,right")
     p.add_argument("--candidates", type=int, default=64)
@@ -148,6 +149,8 @@ def parse_scoring_args(argv: list[str]) -> argparse.Namespace:
     from leverlm.lvlm.tiny import tiny_model_types
 
     known = tiny_model_types()
+    if args.models is None:
+        args.models = "idefics" if args.config_size == "real" else "idefics,idefics2"
     if args.models == "all":
         args.models = known
     else:
@@ -323,7 +326,9 @@ def _scoring_case(lvlm: Any, model_type: str, order: str, args: argparse.Namespa
     lvlm.feature_cache.clear()
     getattr(lvlm, "_prefix_cache", {}).clear()
 
-    counter = _WorkCounter(lvlm) if args.peak_tflops and hasattr(lvlm, "config") else None
+    # The FLOP count knows IDEFICS's layout (vision tower + perceiver + text model) only.
+    countable = model_type == "idefics" and hasattr(lvlm, "config")
+    counter = _WorkCounter(lvlm) if args.peak_tflops and countable else None
     times = []
     fast = None
     for prefix in prefixes:
