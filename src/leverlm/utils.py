@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -93,3 +94,15 @@ def set_cpu_threads(n: int | None = None) -> None:
 
     n = n or int(os.environ.get("LEVERLM_THREADS", "0") or 0) or os.cpu_count() or 1
     torch.set_num_threads(max(1, n))
+
+
+def setup_job_logging(log: logging.Logger) -> None:
+    """INFO logs of a job's logger on stderr, unless the application configured logging."""
+    import sys
+
+    log.setLevel(logging.INFO)
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.propagate = False

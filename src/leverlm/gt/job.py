@@ -57,7 +57,7 @@ from leverlm.gt.data import (
     write_part,
 )
 from leverlm.gt.samplers import SAMPLERS, SamplerError, build_sampler, select_anchors, split_counts
-from leverlm.utils import sha256_file
+from leverlm.utils import setup_job_logging, sha256_file
 
 log = logging.getLogger("leverlm.gt")
 
@@ -720,20 +720,10 @@ def merge_main(argv: list[str]) -> int:
     return 0
 
 
-def _setup_logging() -> None:
-    """INFO logs of ``leverlm.gt`` on stderr, unless the application configured logging."""
-    log.setLevel(logging.INFO)
-    if not log.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     """``leverlm gt predict ...`` (LightningCLI) or ``leverlm gt merge --out DIR``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _setup_logging()
+    setup_job_logging(log)
     try:
         if argv and argv[0] == "merge":
             return merge_main(argv[1:])

@@ -69,7 +69,7 @@ from leverlm.gt.data import (
 )
 from leverlm.icl.retrievers import RETRIEVERS, Retriever, RetrieverError, available_retrievers
 from leverlm.report import Prediction, ReportError, read_predictions
-from leverlm.utils import atomic_open, atomic_write_json, sha256_file
+from leverlm.utils import atomic_open, atomic_write_json, setup_job_logging, sha256_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -1322,20 +1322,10 @@ def merge_main(argv: list[str]) -> int:
     return 0
 
 
-def _setup_logging() -> None:
-    """INFO logs of ``leverlm.eval`` on stderr, unless the application configured logging."""
-    log.setLevel(logging.INFO)
-    if not log.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     """``leverlm eval test ...`` (LightningCLI) or ``leverlm eval merge --out DIR``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _setup_logging()
+    setup_job_logging(log)
     try:
         if argv and argv[0] == "merge":
             return merge_main(argv[1:])
