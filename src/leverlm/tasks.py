@@ -8,9 +8,13 @@ A task turns samples into the text parts of an interleaved prompt; the LVLM adap
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+Sample = dict[str, Any]
 
 # The paper's IDEFICS instruction line for VQA.
 IDEFICS_VQA_INSTRUCTION = (
@@ -18,8 +22,110 @@ IDEFICS_VQA_INSTRUCTION = (
 )
 
 
+# The 13 answers of easy-vqa (yes/no, its 3 shapes, its 8 colours).
+EASYVQA_ANSWERS: tuple[str, ...] = (
+    "yes", "no", "circle", "rectangle", "triangle",
+    "black", "blue", "brown", "gray", "green", "red", "teal", "yellow",
+)  # fmt: skip
+
+# Made-up answer words for "fast binding" episodes: no English meaning, unchanged by the VQA
+# answer normalisation (no articles, number words or punctuation), distinct from every answer.
+NONCE_WORDS: tuple[str, ...] = (
+    "dax", "wug", "blick", "fep", "zup", "toma", "kiki", "lorp",
+    "snib", "vorn", "mib", "jop", "taz", "nerk", "plim", "gorp",
+)  # fmt: skip
+
+
 class TaskError(ValueError):
     """A sample or config does not fit the task (names the field and the sample key)."""
+
+
+class EpisodeTransform(Protocol):
+    """Maps an episode (ICD samples + query sample) to the samples the prompt shows."""
+
+    def __call__(
+        self, icds: Sequence[Sample], query: Sample, episode_id: str
+    ) -> tuple[list[Sample], Sample]: ...
+
+
+@dataclass(frozen=True)
+class NonceAnswers:
+    """Fast binding: within an episode, every answer is replaced by a nonce word.
+
+    The map (an injection ``answers -> words``) is drawn per episode and shared by the ICDs and
+    the query, so a model can answer only by finding a demonstration that shows the binding it
+    needs. The draw is a pure function of ``(seed, episode_id)`` (SHA-256 driven Fisher-Yates,
+    the same on every Python version and process); :meth:`Task.episode` uses the query's
+    ``__key__`` as the episode id, so scoring, generation and the metric's references agree for
+    a query whatever its ICDs are, and a KV-cached prompt prefix stays valid for it.
+
+    Both ``answer_field`` and the ``answers`` list (the VQA-accuracy references) are remapped.
+
+    Args:
+        answers: the answer vocabulary; an answer outside it is a :class:`TaskError`.
+        words: the nonce words (at least as many as ``answers``).
+        seed: selects a different family of maps.
+        answer_field: the sample field holding the answer shown/scored.
+    """
+
+    answers: tuple[str, ...] = EASYVQA_ANSWERS
+    words: tuple[str, ...] = NONCE_WORDS
+    seed: int = 0
+    answer_field: str = "answer"
+
+    def __post_init__(self) -> None:
+        if len(set(self.words)) != len(self.words) or len(set(self.answers)) != len(self.answers):
+            raise TaskError("NonceAnswers: answers and words must not repeat")
+        if len(self.words) < len(self.answers):
+            raise TaskError(
+                f"NonceAnswers: {len(self.words)} nonce words cannot encode "
+                f"{len(self.answers)} answers injectively"
+            )
+        clash = sorted(set(self.words) & set(self.answers))
+        if clash:
+            raise TaskError(f"NonceAnswers: nonce words {clash} are also answers")
+
+    def _draw(self, episode_id: str, i: int) -> int:
+        digest = hashlib.sha256(f"{self.seed}\x00{episode_id}\x00{i}".encode()).digest()
+        return int.from_bytes(digest[:8], "big")
+
+    def mapping(self, episode_id: str) -> dict[str, str]:
+        """The episode's ``answer -> nonce word`` map."""
+        words = list(self.words)
+        for i in range(len(words) - 1, 0, -1):  # Fisher-Yates, one hash draw per swap
+            j = self._draw(episode_id, i) % (i + 1)
+            words[i], words[j] = words[j], words[i]
+        return dict(zip(self.answers, words, strict=False))
+
+    def remap(self, sample: Sample, mapping: dict[str, str]) -> Sample:
+        """A shallow copy of ``sample`` with its answer (and ``answers``) mapped."""
+        key = sample.get("__key__", "?")
+
+        def one(value: Any, field_name: str) -> str:
+            word = mapping.get(str(value).strip()) if isinstance(value, str) else None
+            if word is None:
+                raise TaskError(
+                    f"sample {key!r}: {field_name} {value!r} is not in the nonce task's answer "
+                    f"vocabulary {list(self.answers)}"
+                )
+            return word
+
+        if self.answer_field not in sample or sample[self.answer_field] is None:
+            raise TaskError(f"sample {key!r} has no field {self.answer_field!r} to remap")
+        out = dict(sample)
+        out[self.answer_field] = one(sample[self.answer_field], self.answer_field)
+        answers = sample.get("answers")
+        if answers is not None:
+            if not isinstance(answers, list | tuple):
+                raise TaskError(f"sample {key!r}: field 'answers' is not a list: {answers!r}")
+            out["answers"] = [one(a, f"answers[{i}]") for i, a in enumerate(answers)]
+        return out
+
+    def __call__(
+        self, icds: Sequence[Sample], query: Sample, episode_id: str
+    ) -> tuple[list[Sample], Sample]:
+        mapping = self.mapping(episode_id)
+        return [self.remap(d, mapping) for d in icds], self.remap(query, mapping)
 
 
 @dataclass(frozen=True)
@@ -44,6 +150,8 @@ class Task:
     num_beams: int = 3
     length_penalty: float = 0.0
     required_fields: tuple[str, ...] = field(default_factory=tuple)
+    #: maps an episode to the samples the prompt shows (``None``: shown as they are).
+    episode_transform: EpisodeTransform | None = None
 
     def __post_init__(self) -> None:
         if not self.query_template.rstrip().endswith(self.split_token.rstrip()):
@@ -51,6 +159,26 @@ class Task:
                 f"task {self.name!r}: query_template {self.query_template!r} must end with "
                 f"split_token {self.split_token!r}"
             )
+
+    # -- episodes ---------------------------------------------------------------------------
+    def episode(
+        self, icds: Sequence[Sample], query: Sample, episode_id: str | None = None
+    ) -> tuple[list[Sample], Sample]:
+        """The ICDs and query as this task shows them (e.g. answers remapped to nonce words).
+
+        Every prompt builder (scoring, generation) and the metric's references go through
+        this, so they agree. ``episode_id`` defaults to the query's ``__key__`` (deterministic
+        per query); training passes a fresh id per episode.
+        """
+        if self.episode_transform is None:
+            return list(icds), query
+        if episode_id is None:
+            if "__key__" not in query:
+                raise TaskError(
+                    f"task {self.name!r}: the query has no '__key__' to seed its episode"
+                )
+            episode_id = str(query["__key__"])
+        return self.episode_transform(icds, query, episode_id)
 
     # -- fields -----------------------------------------------------------------------------
     def _fields(self, sample: dict[str, Any]) -> dict[str, Any]:
@@ -160,9 +288,21 @@ def caption_task(**overrides: Any) -> Task:
     return Task(**kw)
 
 
+TASK_NAMES = ("vqa", "vqa_idefics", "vqa_nonce", "caption")
+
+
 def get_task(name: str, instruction: str | None = None, **overrides: Any) -> Task:
-    """A task by name: ``vqa``, ``vqa_idefics`` (with the IDEFICS instruction) or ``caption``."""
+    """A task by name.
+
+    ``vqa``; ``vqa_idefics`` (with the IDEFICS instruction); ``vqa_nonce`` (easy-vqa "fast
+    binding": answers remapped per query to nonce words, see :class:`NonceAnswers`; the demo
+    world); ``caption``. The VQA variants all have ``name == "vqa"`` (the kind of collection
+    they read).
+    """
     if name == "vqa":
+        return vqa_task(instruction or "", **overrides)
+    if name == "vqa_nonce":
+        overrides.setdefault("episode_transform", NonceAnswers())
         return vqa_task(instruction or "", **overrides)
     if name == "vqa_idefics":
         return vqa_task(
@@ -172,4 +312,4 @@ def get_task(name: str, instruction: str | None = None, **overrides: Any) -> Tas
         if instruction:
             overrides["instruction"] = instruction
         return caption_task(**overrides)
-    raise TaskError(f"unknown task {name!r}; choose one of: vqa, vqa_idefics, caption")
+    raise TaskError(f"unknown task {name!r}; choose one of: {', '.join(TASK_NAMES)}")

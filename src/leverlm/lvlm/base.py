@@ -4,7 +4,8 @@ Every model family implements one :class:`LVLM` subclass (an *adapter*). The bas
 everything that is the same for all of them:
 
 * **prompt building** for a :class:`~leverlm.tasks.Task` (:meth:`LVLM.build_prompt`): the
-  instruction, then each ICD (image + ``task.icd_text``) and the query (image +
+  task's episode transform (``task.episode``: identity, or e.g. nonce answers), then the
+  instruction, each ICD (image + ``task.icd_text``) and the query (image +
   ``task.query_text``), joined by ``task.icd_join``; the scored answer
   (``task.query_answer_text``) is kept apart;
 * **tokenisation** (:meth:`LVLM.encode`): text between images is tokenised chunk by chunk
@@ -535,7 +536,20 @@ class LVLM(abc.ABC):
     ) -> Prompt:
         """The paper's interleaved prompt: instruction, ICDs joined by ``task.icd_join``, query.
 
-        ``icds`` are in prompt order (``icds[0]`` farthest from the query).
+        ``icds`` are in prompt order (``icds[0]`` farthest from the query). The task's episode
+        transform (:meth:`~leverlm.tasks.Task.episode`, e.g. nonce answers) is applied first,
+        so scoring and generation show the same remapped samples.
+        """
+        icds, query = self.task.episode(icds, query)
+        return self.assemble_prompt(icds, query, with_answer)
+
+    def assemble_prompt(
+        self, icds: Sequence[Sample], query: Sample, with_answer: bool = True
+    ) -> Prompt:
+        """The prompt of samples that already went through ``task.episode`` (no transform).
+
+        :meth:`build_prompt` is this after the transform; training code that draws its own
+        episode ids calls it directly so its prompts are built by the same code.
         """
         items: list[PromptItem] = []
         if self.task.instruction:
