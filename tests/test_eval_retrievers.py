@@ -279,7 +279,7 @@ def test_resolve_methods_inherits_resolves_and_checks(world, tmp_path) -> None:
 @pytest.mark.parametrize(
     ("methods", "retrievers", "message"),
     [
-        (["siir", "bogus"], {}, "unknown method 'bogus'; known: fixed, from_file, lever_lm"),
+        (["siir", "bogus"], {}, "unknown method 'bogus'; known: answer_oracle, fixed, from_file"),
         (["lever_lm"], {}, "method 'lever_lm' needs a Lever-LM checkpoint"),
         (["lever_lm_shuffled"], {}, "set data.retrievers.lever_lm.checkpoint"),
         (["lever_lm"], {"lever_lm": {"checkpoint": "/no/such.ckpt"}}, "does not exist"),
@@ -376,3 +376,84 @@ def test_units_and_shot_checks() -> None:
         check_methods_and_shots(["random", "random"], [1])
     with pytest.raises(EvalConfigError, match="repeated values"):
         check_methods_and_shots(["random"], [1, 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# answer_oracle (the demo's `oracle`: ICDs that share the query's answer)
+# ---------------------------------------------------------------------------------------------
+
+
+def _answers(collection: Path) -> list[str]:
+    from leverlm.data.collection import Collection
+
+    coll = Collection(collection)
+    return [coll.fields(p)["answer"] for p in range(len(coll))]
+
+
+def test_answer_oracle_picks_icds_with_the_query_answer(world) -> None:
+    support, queries = _answers(world.support), _answers(world.queries)
+    oracle = build_retriever(
+        "answer_oracle", queries=str(world.queries), supporting_set=str(world.support), seed=3
+    )
+    qs = _queries()
+    for shots in (1, 2, 4):
+        for q, icds in zip(qs, oracle.retrieve(qs, shots), strict=True):
+            assert len(set(icds)) == shots
+            assert all(support[p] == queries[q["position"]] for p in icds), (q, icds)
+    # per-query seeded: batch-independent, k shots a prefix of k + 1, another seed differs
+    four = oracle.retrieve(qs, 4)
+    assert oracle.retrieve(qs[5:7], 4) == four[5:7]
+    assert [s[:3] for s in four] == oracle.retrieve(qs, 3)
+    other = build_retriever(
+        "answer_oracle", queries=str(world.queries), supporting_set=str(world.support), seed=4
+    )
+    assert other.retrieve(qs, 4) != four
+
+
+def test_answer_oracle_fills_with_others_far_from_the_query_and_excludes(world) -> None:
+    support, queries = _answers(world.support), _answers(world.queries)
+    oracle = build_retriever(
+        "answer_oracle", queries=str(world.queries), supporting_set=str(world.support)
+    )
+    q = _queries()[1]
+    answer = queries[1]
+    same = [p for p, a in enumerate(support) if a == answer]
+    assert 0 < len(same) < 7
+    icds = oracle.retrieve([q], 7)[0]
+    assert len(set(icds)) == 7
+    n_fill = 7 - len(same)
+    assert sorted(icds[n_fill:]) == same  # every match, nearest the query
+    assert all(support[p] != answer for p in icds[:n_fill])
+    excl = {**q, "exclude_positions": same[:2]}
+    got = oracle.retrieve([excl], 2)[0]
+    assert not set(got) & set(same[:2])
+    assert sum(support[p] == answer for p in got) == min(2, len(same) - 2)
+
+
+def test_answer_oracle_is_the_method_oracle_and_names_bad_input(world, tmp_path) -> None:
+    specs = resolve_methods(["oracle"], {"oracle": {"retriever": "answer_oracle"}}, NUM_SUPPORT)
+    ctx = {
+        "num_candidates": NUM_SUPPORT,
+        "seed": 0,
+        "queries": str(world.queries),
+        "supporting_set": str(world.support),
+    }
+    oracle = build_retrievers(specs, ctx)["oracle"]
+    assert oracle.name == "answer_oracle"
+    assert oracle.retrieve(_queries(2), 2) == build_retriever(
+        "answer_oracle", queries=str(world.queries), supporting_set=str(world.support)
+    ).retrieve(_queries(2), 2)
+    with pytest.raises(RetrieverError, match="field 'label'"):
+        build_retriever(
+            "answer_oracle",
+            queries=str(world.queries),
+            supporting_set=str(world.support),
+            field="label",
+        )
+    with pytest.raises(RetrieverError, match="num_candidates=5"):
+        build_retriever(
+            "answer_oracle",
+            queries=str(world.queries),
+            supporting_set=str(world.support),
+            num_candidates=5,
+        )

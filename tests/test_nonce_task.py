@@ -175,3 +175,19 @@ def test_fast_scoring_paths_match_reference_under_the_remap(lvlm, samples, order
 def test_generate_runs_on_the_remapped_prompt(lvlm, samples) -> None:
     out = lvlm.generate([samples[1:3], []], samples[:2], max_new_tokens=2, num_beams=1)
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
+
+
+def test_eval_references_are_the_querys_remapped_answers(samples) -> None:
+    from leverlm.icl.job import EvalConfigError, references_of
+
+    query = samples[0]
+    plain = references_of(get_task("vqa"), query)
+    nonce_task = get_task("vqa_nonce")
+    remapped = references_of(nonce_task, query)
+    mapping = NonceAnswers().mapping(str(query["__key__"]))
+    assert remapped == [mapping[a] for a in plain]
+    assert set(remapped) <= set(NONCE_WORDS)
+    # what the scorer and generator show for this query is what the metric expects
+    assert nonce_task.episode(samples[1:3], query)[1]["answers"] == remapped
+    with pytest.raises(EvalConfigError, match="not in the nonce task's answer vocabulary"):
+        references_of(nonce_task, {**query, "answers": ["purple"] * 10})

@@ -125,7 +125,14 @@ def prediction_line(pred: Prediction) -> str:
 
 def references_of(task: Task, sample: dict[str, Any]) -> list[str]:
     """The references a query's prediction is scored against (VQA: the 10 human answers;
-    captioning: every reference caption)."""
+    captioning: every reference caption), as the task shows them: a task that remaps answers
+    per episode (``vqa_nonce``) is scored against the query's own remapped answers."""
+    from leverlm.tasks import TaskError
+
+    try:
+        sample = task.episode([], sample)[1]
+    except TaskError as err:
+        raise EvalConfigError(str(err)) from err
     name = REFERENCE_FIELDS.get(task.metric)
     if name is None:
         raise EvalConfigError(f"task {task.name!r}: no reference field for metric {task.metric!r}")
@@ -250,7 +257,14 @@ def accepted_args(factory: Any) -> tuple[set[str], bool]:
     return names, True
 
 
-_PATH_ARGS = ("checkpoint", "path", "support_feature_store", "query_feature_store", "queries")
+_PATH_ARGS = (
+    "checkpoint",
+    "path",
+    "support_feature_store",
+    "query_feature_store",
+    "queries",
+    "supporting_set",
+)
 
 
 def resolve_methods(
@@ -543,6 +557,7 @@ class EvalDataModule(pl.LightningDataModule):
             "seed": self.seed,
             "device": device,
             "queries": _abspath(self.queries),
+            "supporting_set": _abspath(self.supporting_set),
             # paths, for retrievers that open a store themselves (Lever-LM)
             "support_feature_store": _abspath(self.support_features),
             "query_feature_store": _abspath(self.query_features),
@@ -1081,7 +1096,8 @@ def plan_eval(
     # A query without references would fail only at its batch: look at the first one now.
     from leverlm.data.collection import Collection
 
-    references_of(task, Collection(queries["path"]).fields(positions[0]))
+    first = Collection(queries["path"])
+    references_of(task, {"__key__": first.keys[positions[0]], **first.fields(positions[0])})
 
     specs = resolve_methods(methods, data.get("retrievers"), support["num_samples"])
     stores: dict[str, str] = {}

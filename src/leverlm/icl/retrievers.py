@@ -374,6 +374,92 @@ class ShuffledRetriever(Retriever):
         return out
 
 
+@register_retriever("answer_oracle")
+class AnswerOracleRetriever(Retriever):
+    """An upper reference that peeks at the query's label: ICDs whose answer equals the query's.
+
+    For a VQA-style task with a small answer vocabulary (easy-vqa; the demo's ``oracle``
+    method), a query gets supporting-set samples with the same ``field`` value (whitespace- and
+    case-folded), in a random order seeded per query key, so the ICDs for ``k`` shots are a
+    prefix of those for ``k + 1``. When fewer than ``shots`` samples share the answer, the rest
+    are random other samples, placed farthest from the query (first in prompt order).
+
+    It reads the ``field`` of every supporting-set sample once (JSON only, no images).
+
+    Args:
+        queries: the query collection (its samples hold the labels peeked at).
+        supporting_set: the collection ICD positions point into.
+        field: the answer field compared.
+        seed: the per-query order seed.
+    """
+
+    name = "answer_oracle"
+
+    def __init__(
+        self,
+        queries: str,
+        supporting_set: str,
+        num_candidates: int | None = None,
+        field: str = "answer",
+        seed: int = 0,
+        exclude_query_position: bool = False,
+    ):
+        import numpy as np
+
+        from leverlm.data.collection import Collection
+
+        self.queries = Collection(queries)
+        support = Collection(supporting_set)
+        n = len(support)
+        if num_candidates is not None and num_candidates != n:
+            raise RetrieverError(
+                f"answer_oracle: num_candidates={num_candidates} but the supporting set "
+                f"{supporting_set} has {n} samples"
+            )
+        super().__init__(n, exclude_query_position)
+        self.field, self.seed = str(field), int(seed)
+        groups: dict[str, list[int]] = {}
+        for pos in range(n):
+            groups.setdefault(self._label(support.fields(pos), pos, supporting_set), []).append(pos)
+        self.groups = {k: np.asarray(v, dtype=np.int64) for k, v in groups.items()}
+
+    def _label(self, fields: dict[str, Any], pos: int, where: str) -> str:
+        value = fields.get(self.field)
+        if not isinstance(value, str) or not value.strip():
+            raise RetrieverError(
+                f"answer_oracle: sample {pos} of {where} has no string field {self.field!r} "
+                f"(got {value!r})"
+            )
+        return " ".join(value.lower().split())
+
+    def _one(self, key: str, label: str, shots: int, excluded: frozenset[int]) -> list[int]:
+        rng = query_rng(self.seed, "answer_oracle", key)
+        group = self.groups.get(label)
+        same: list[int] = []
+        if group is not None:
+            for p in group[rng.permutation(len(group))].tolist():
+                if p not in excluded:
+                    same.append(p)
+                    if len(same) == shots:
+                        return same
+        taken = set(same) | set(excluded)
+        assert self.num_candidates is not None
+        others = [p for p in rng.permutation(self.num_candidates).tolist() if p not in taken]
+        # the matching ICDs stay nearest the query; fillers go first in prompt order
+        return others[: shots - len(same)] + same
+
+    def retrieve(self, queries: list[dict[str, Any]], shots: int) -> list[list[int]]:
+        shots = _check_shots(shots)
+        out = []
+        for i, query in enumerate(queries):
+            key, excluded = _query_key(query, i), self.excluded(query, i)
+            self._check_capacity(shots, excluded, key)
+            pos = _query_position(query, i, len(self.queries))
+            label = self._label(self.queries.fields(pos), pos, str(self.queries.path))
+            out.append(self._one(key, label, shots, excluded) if shots else [])
+        return out
+
+
 # ---------------------------------------------------------------------------------------------
 # similarity retrieval
 # ---------------------------------------------------------------------------------------------
