@@ -145,3 +145,111 @@ def test_feature_bank_checks_and_gathers():
         FeatureBank({"image": torch.zeros(4, 3), "text": torch.zeros(5, 3)})
     with pytest.raises(ValueError, match=r"\(N, D\)"):
         FeatureBank({"image": torch.zeros(4)})
+
+
+# ---------------------------------------------------------------------------------------------
+# feature-tied output head (output_features)
+# ---------------------------------------------------------------------------------------------
+
+
+def make_tied(backbone: str = "gpt2", **kw):
+    model, bank, q = make(backbone, output_features=("image", "text"), **kw)
+    model.set_output_bank(bank.features)
+    return model, bank, q
+
+
+@pytest.mark.parametrize("backbone,normalize", [("gpt2", False), ("lstm", False), ("gpt2", True)])
+def test_output_head_logits_equal_a_loop_over_icds(backbone, normalize):
+    model, bank, _ = make_tied(backbone, normalize=normalize)
+    h = torch.randn(3, 5, 32, dtype=torch.float64)
+    fast, slow = model.logits(h), model.logits_reference(h)
+    assert fast.shape == (3, 5, model.config.vocab_size)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
+    # special tokens keep the plain head's logits; ICD logits move with the ICD's features
+    N = model.config.num_icds
+    torch.testing.assert_close(fast[..., N:], model.lm_head(h)[..., N:])
+    moved = {m: t.clone() for m, t in bank.features.items()}
+    moved["image"][7] += 1.0
+    model.set_output_bank(moved)
+    after = model.logits(h)
+    assert not torch.allclose(after[..., 7], fast[..., 7])
+    torch.testing.assert_close(after[..., :7], fast[..., :7])
+
+
+@pytest.mark.parametrize("backbone", ["gpt2", "lstm"])
+def test_output_head_kv_cached_greedy_and_beam_equal_reference(backbone):
+    model, bank, q = make_tied(backbone)
+    fast = greedy_decode(model, q, bank, shots=6)
+    assert fast.tolist() == reference_decode(model, q, bank, shots=6).tolist()
+    # the plain head ranks differently: the tied head is really in the loop
+    plain = LeverLMModel(LeverLMConfig(**{**model.config.to_dict(), "output_features": []}))
+    plain.load_state_dict(model.state_dict(), strict=False)
+    plain = plain.double().eval()
+    assert greedy_decode(plain, q, bank, shots=6).tolist() != fast.tolist()
+    seqs, scores = beam_decode(model, q, bank, shots=3, beam_size=1, return_scores=True)
+    assert seqs[:, 0].tolist() == greedy_decode(model, q, bank, shots=3).tolist()
+
+
+def test_output_head_follows_weight_updates_and_needs_a_bank():
+    model, bank, _ = make(output_features=("text",))
+    h = torch.randn(2, 32, dtype=torch.float64)
+    with pytest.raises(ValueError, match="set_output_bank"):
+        model.logits(h)
+    with pytest.raises(ValueError, match=r"\(30, 8\)"):
+        model.set_output_bank({"text": bank.features["text"][:10]})
+    model.set_output_bank(bank.features)
+    with torch.no_grad():
+        before = model.logits(h).clone()
+        assert torch.equal(model.logits(h), before)
+        model.output_keys["text"].weight.add_(0.5)  # an optimiser step, in place
+        assert not torch.allclose(model.logits(h), before)
+    # gradients reach the output keys
+    model.train()
+    model.logits(h).sum().backward()
+    assert model.output_keys["text"].weight.grad is not None
+
+
+def test_output_head_generalises_to_icds_no_sequence_contains():
+    """Train on sequences over half the ICDs only; the ICD of the right 'class' is still picked
+    among the unseen half (the plain head cannot: unseen ICDs keep random embeddings)."""
+    torch.manual_seed(0)
+    N, D, classes = 40, 8, 4
+    g = torch.Generator().manual_seed(1)
+    protos = torch.randn(classes, D, generator=g) * 3
+    icd_class = torch.arange(N) % classes
+    feats = protos[icd_class] + 0.1 * torch.randn(N, D, generator=g)
+    seen = torch.arange(N) < N // 2
+
+    def train(output_features):
+        torch.manual_seed(0)
+        cfg = LeverLMConfig(
+            num_icds=N, n_layer=1, n_embd=16, n_head=2, n_positions=8, dropout=0.0,
+            feature_dim=D, query_features=("image",), icd_features=(),
+            output_features=output_features,
+        )  # fmt: skip
+        model = LeverLMModel(cfg)
+        if output_features:
+            model.set_output_bank({"image": feats})
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        from leverlm.lever.model import build_sequences
+
+        for step in range(150):
+            c = torch.randint(classes, (32,), generator=torch.Generator().manual_seed(step))
+            q = protos[c] + 0.1 * torch.randn(32, D)
+            targets = [
+                int(torch.nonzero(seen & (icd_class == int(k)))[step % (N // 2 // classes)])
+                for k in c
+            ]
+            tokens, tgt = build_sequences([[t] for t in targets], cfg)
+            _, loss = model(tokens, {"image": q}, None, tgt)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        q = {"image": protos}
+        exclude = [torch.nonzero(seen).flatten().tolist()] * classes  # only unseen ICDs allowed
+        picked = greedy_decode(model, q, None, shots=1, exclude=exclude)[:, 0]
+        return (icd_class[picked] == torch.arange(classes)).float().mean().item()
+
+    assert train(("image",)) == 1.0
+    assert train(()) < 1.0

@@ -168,3 +168,17 @@ def test_overfits_a_small_gt_set_and_reproduces_it(tmp_path, backbone):
     q_perm = {m: t[perm] for m, t in q.items()}
     got = greedy_decode(model, q_perm, bank, 3).tolist()
     assert got == [expected[i] for i in perm]
+
+
+def test_feature_tied_head_is_refused_with_trainable_clip_and_named_in_config():
+    from leverlm.lever.module import LeverLMModule
+
+    with pytest.raises(ValueError, match="output_features needs frozen CLIP"):
+        LeverLMModule(num_icds=10, clip_trainable=True, output_features=("image",))
+    with pytest.raises(ValueError, match="output_features"):
+        tiny_config(output_features=("depth",))
+    cfg = tiny_config(output_features=("text",), query_features=(), icd_features=())
+    assert LeverLMConfig.from_dict(cfg.to_dict()) == cfg
+    # the head's keys are the only text weights: no unused input adapter is built
+    model = LeverLMModel(cfg)
+    assert set(model.output_keys) == {"text"} and len(model.adapters) == 0

@@ -111,6 +111,18 @@ def open_feature_store(store: Any) -> Any:
 
 
 # -- decoding --------------------------------------------------------------------------------
+def _ensure_output_bank(model: LeverLMModel, bank: FeatureBank | None) -> None:
+    """A feature-tied output head without its bank takes the decoding bank's features."""
+    if model.config.output_features and model.output_bank is None:
+        if bank is None:
+            raise ValueError(
+                "this Lever-LM has a feature-tied output head "
+                f"(output_features={list(model.config.output_features)}): decode with a "
+                "FeatureBank of the supporting set, or call model.set_output_bank(...)"
+            )
+        model.set_output_bank(bank.features)
+
+
 def _check_decode_args(
     model: LeverLMModel, num_queries: int, shots: int, beam_size: int, exclude: Any
 ) -> None:
@@ -197,6 +209,7 @@ def greedy_decode(
 
     B = _num_queries(query_feats, num_queries)
     _check_decode_args(model, B, shots, 1, exclude)
+    _ensure_output_bank(model, bank)
     device = model.wte.weight.device
     rows = torch.arange(B, device=device)
     banned = _initial_ban(model, B, exclude, device)  # (B, V)
@@ -238,6 +251,7 @@ def beam_decode(
 
     B, K = _num_queries(query_feats, num_queries), beam_size
     _check_decode_args(model, B, shots, K, exclude)
+    _ensure_output_bank(model, bank)
     device = model.wte.weight.device
     V = model.config.vocab_size
     banned = _initial_ban(model, B, exclude, device)  # (B, V)
@@ -283,6 +297,7 @@ def reference_decode(
 
     B = _num_queries(query_feats, num_queries)
     _check_decode_args(model, B, shots, 1, exclude)
+    _ensure_output_bank(model, bank)
     cfg = model.config
     device = model.wte.weight.device
     out = torch.empty(B, shots, dtype=torch.long, device=device)
@@ -339,6 +354,13 @@ class LeverLM:
     ):
         self.model = model.eval()
         self.bank = bank
+        if model.config.output_features and model.output_bank is None:
+            if bank is None:
+                raise ValueError(
+                    "this Lever-LM has a feature-tied output head: give the supporting set's "
+                    f"{list(model.config.output_features)} features"
+                )
+            model.set_output_bank(bank.features)
         self.query_features = query_features
         self.clip = clip  # fine-tuned CLIP of a clip_trainable checkpoint, else None
         self.info = dict(info or {})
@@ -385,21 +407,23 @@ class LeverLM:
             clip_sd = {k[len("clip.") :]: v for k, v in sd.items() if k.startswith("clip.")}
             clip.load_state_dict(clip_sd)
             clip.to(device).eval()
+        # the ICD tokens' features, and the feature-tied output head's
+        mods = tuple(
+            m for m in ("image", "text") if m in config.icd_features or m in config.output_features
+        )
         bank = None
-        if not config.icd_features:
+        if not mods:
             bank = None  # indices only: nothing to gather
         elif features is not None:
-            bank = cls._bank(features, config.icd_features, device)
+            bank = cls._bank(features, mods, device)
         elif clip is not None:
             coll = info.get("supporting_set")
             if not coll:
                 raise ValueError(f"{path}: clip_trainable checkpoint without a supporting_set path")
-            feats = encode_collection(
-                clip, info["clip_model"], coll, info.get("task"), config.icd_features
-            )
+            feats = encode_collection(clip, info["clip_model"], coll, info.get("task"), mods)
             bank = FeatureBank(feats, device=device)
         elif info.get("feature_store"):
-            bank = cls._bank(info["feature_store"], config.icd_features, device)
+            bank = cls._bank(info["feature_store"], mods, device)
         else:
             raise ValueError(f"{path}: no features given and none recorded in the checkpoint")
         if bank is not None and bank.num_rows != config.num_icds:

@@ -10,6 +10,14 @@ each ICD token gets its ICD's features added (``query_features`` / ``icd_feature
 token indices only). Features pass through an optional L2 normalisation and then a
 per-modality adapter (MLP, or a linear projection / identity).
 
+Output head: the paper's is the (tied) token embedding, so an ICD's logit is learnt from the
+sequences it appears in and an ICD no gt sequence contains keeps its random embedding. With
+``output_features`` (our extension, off by default) an ICD's logit also gets
+``h . W_m f_m(ICD)`` for each listed modality: ICDs that look alike score alike, so what is
+learnt about one ICD carries over to the unseen ones (useful when the gt data covers a small
+part of a large supporting set). It needs the supporting set's features at every forward:
+:meth:`LeverLMModel.set_output_bank`.
+
 Style follows nanoGPT: a dataclass config, shape comments,
 ``forward(tokens, ..., targets) -> (logits, loss)``, and ``generate``.
 """
@@ -49,18 +57,20 @@ class LeverLMConfig:
     icd_features: tuple[str, ...] = ("image", "text")
     adapter: bool = True  # MLP adapter; False: linear projection (identity if dims match)
     normalize: bool = False  # L2-normalise features before the adapter
+    output_features: tuple[str, ...] = ()  # feature-tied output head (see module docstring)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, not used by the net
 
     def __post_init__(self) -> None:
         self.query_features = tuple(self.query_features)
         self.icd_features = tuple(self.icd_features)
+        self.output_features = tuple(self.output_features)
         if self.num_icds < 1:
             raise ValueError(f"LeverLMConfig.num_icds must be >= 1, got {self.num_icds}")
         if self.backbone not in BACKBONES:
             raise ValueError(
                 f"LeverLMConfig.backbone must be one of {BACKBONES}, got {self.backbone!r}"
             )
-        for name in ("query_features", "icd_features"):
+        for name in ("query_features", "icd_features", "output_features"):
             values = getattr(self, name)
             bad = [v for v in values if v not in MODALITIES]
             if bad or len(set(values)) != len(values):
@@ -94,13 +104,14 @@ class LeverLMConfig:
     @property
     def modalities(self) -> tuple[str, ...]:
         """Feature modalities the model reads anywhere (query or ICD), in canonical order."""
-        used = set(self.query_features) | set(self.icd_features)
+        used = set(self.query_features) | set(self.icd_features) | set(self.output_features)
         return tuple(m for m in MODALITIES if m in used)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["query_features"] = list(self.query_features)
         d["icd_features"] = list(self.icd_features)
+        d["output_features"] = list(self.output_features)
         return d
 
     @classmethod
@@ -217,11 +228,19 @@ class LeverLMModel(nn.Module):
             {
                 m: FeatureAdapter(config.feature_dim, C, config.adapter, config.normalize)
                 for m in config.modalities
+                if m in config.query_features or m in config.icd_features
             }
         )
         # weight tying, as GPT-2 does (the vocabulary dominates the parameter count)
         self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
+        # feature-tied output head: a linear key W_m f + b_m per modality from the (optionally
+        # L2-normalised) supporting-set features; see set_output_bank / logits
+        self.output_keys = nn.ModuleDict(
+            {m: nn.Linear(config.feature_dim, C) for m in config.output_features}
+        )
+        self._output_bank: Features | None = None
+        self._bank_matrix: Tensor | None = None  # (N, M*D): the modalities' features side by side
 
     # -- pieces ------------------------------------------------------------------------------
     @property
@@ -231,6 +250,70 @@ class LeverLMModel(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # -- feature-tied output head ------------------------------------------------------------
+    @property
+    def output_bank(self) -> Features | None:
+        return self._output_bank
+
+    def set_output_bank(self, features: Features | None) -> None:
+        """The supporting set's features ``{m: (N, D)}`` for the ``output_features`` head
+        (tensors on the model's device; not part of the state dict)."""
+        cfg = self.config
+        if features is None:
+            self._output_bank = self._bank_matrix = None
+            return
+        missing = [m for m in cfg.output_features if m not in features]
+        if missing:
+            raise ValueError(f"output bank lacks {missing} features (needs {cfg.output_features})")
+        for m in cfg.output_features:
+            shape = tuple(features[m].shape)
+            if shape != (cfg.num_icds, cfg.feature_dim):
+                raise ValueError(
+                    f"output bank {m} features are {shape}, the model needs "
+                    f"({cfg.num_icds}, {cfg.feature_dim}) (one row per supporting-set position)"
+                )
+        self._output_bank = {m: features[m] for m in cfg.output_features}
+        parts = [self._bank_feature(features[m]) for m in cfg.output_features]
+        self._bank_matrix = torch.cat(parts, dim=1)  # (N, M*D)
+
+    def _bank_feature(self, f: Tensor) -> Tensor:
+        f = f.float()
+        return F.normalize(f, dim=-1) if self.config.normalize else f
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Next-token logits for hidden states h (..., C) -> (..., V).
+
+        Feature-tied head: ICD j's logit gains ``sum_m h . (W_m f_m(j) + b_m)``, computed as
+        ``(h W) F^T + h . b`` (W = the W_m side by side, F the bank): no per-ICD key is built.
+        """
+        out = self.lm_head(h)
+        if not self.config.output_features:
+            return out
+        if self._bank_matrix is None:
+            raise ValueError(
+                "this Lever-LM has a feature-tied output head (output_features="
+                f"{list(self.config.output_features)}): call set_output_bank(features) first"
+            )
+        layers = [self.output_keys[m] for m in self.config.output_features]
+        W = torch.cat([lin.weight for lin in layers], dim=1)  # (C, M*D)
+        bias = sum(lin.bias for lin in layers)  # (C,)
+        bank = self._bank_matrix.to(h.dtype)
+        icd = (h @ W) @ bank.t() + (h @ bias).unsqueeze(-1)  # (..., N)
+        N = self.config.num_icds
+        return torch.cat([out[..., :N] + icd, out[..., N:]], dim=-1)
+
+    def logits_reference(self, h: Tensor) -> Tensor:
+        """:meth:`logits` the plain way: each ICD's key built from its features, one at a time
+        (for parity tests)."""
+        out = self.lm_head(h).clone()
+        cfg = self.config
+        for j in range(cfg.num_icds if cfg.output_features else 0):
+            for m in cfg.output_features:
+                f = self._bank_feature(self._output_bank[m][j]).to(h.dtype)
+                key = self.output_keys[m](f)  # (C,)
+                out[..., j] += (h * key).sum(-1)
+        return out
 
     def _feature_sum(
         self, feats: Features | None, names: tuple[str, ...], where: str
@@ -330,8 +413,8 @@ class LeverLMModel(nn.Module):
         """
         h, _ = self.backbone(self.embed(tokens, query_feats, icd_feats))  # (B, T, C)
         if targets is None:
-            return self.lm_head(h[:, -1:, :]), None
-        logits = self.lm_head(h)  # (B, T, V)
+            return self.logits(h[:, -1:, :]), None
+        logits = self.logits(h)  # (B, T, V)
         loss = F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE_INDEX
         )
@@ -346,7 +429,7 @@ class LeverLMModel(nn.Module):
     ) -> tuple[Tensor, State]:
         """Incremental decoding: feed new tokens (B, T) after ``state``; last logits (B, V)."""
         h, state = self.backbone(self.embed(tokens, query_feats, icd_feats), state, use_cache=True)
-        return self.lm_head(h[:, -1, :]), state
+        return self.logits(h[:, -1, :]), state
 
     @torch.no_grad()
     def generate(

@@ -34,6 +34,9 @@ class LeverLMModule(L.LightningModule):
         query_features / icd_features: modalities added to the QUERY / ICD tokens.
         adapter: MLP adapter from CLIP to n_embd; False = linear (identity if dims match).
         normalize: L2-normalise features first.
+        output_features: modalities of the feature-tied output head (our extension; empty = the
+            paper's head): an ICD's logit also gets ``h . W f(ICD)``, so what is learnt about
+            one ICD carries over to similar ICDs no gt sequence contains. Frozen CLIP only.
         clip_trainable: own an open_clip encoder and fine-tune it on the streamed images/texts.
         clip_model / clip_pretrained: its open_clip name and local checkpoint (None = random).
         clip_lr: learning rate of the CLIP parameters (default: ``lr``).
@@ -57,6 +60,7 @@ class LeverLMModule(L.LightningModule):
         icd_features: tuple[Modality, ...] = ("image", "text"),
         adapter: bool = True,
         normalize: bool = False,
+        output_features: tuple[Modality, ...] = (),
         clip_trainable: bool = False,
         clip_model: str = "ViT-B-32-quickgelu",
         clip_pretrained: str | None = None,
@@ -77,6 +81,11 @@ class LeverLMModule(L.LightningModule):
                 f"weight_decay={weight_decay}, warmup_ratio={warmup_ratio}"
             )
         self.clip: torch.nn.Module | None = None
+        if clip_trainable and output_features:
+            raise ValueError(
+                "model.output_features needs frozen CLIP features (a feature store): with "
+                "clip_trainable the supporting set's features change every step"
+            )
         if clip_trainable:
             from leverlm.encoders import load_clip
 
@@ -85,7 +94,7 @@ class LeverLMModule(L.LightningModule):
             self.clip.train()
             feature_dim = int(self.clip.dim)
         elif feature_dim is None:
-            if query_features or icd_features:
+            if query_features or icd_features or output_features:
                 raise ValueError(
                     "model.feature_dim is unknown: give data.features (a feature store) or "
                     "model.feature_dim, or use indices only (empty query/icd_features)"
@@ -104,6 +113,7 @@ class LeverLMModule(L.LightningModule):
             icd_features=tuple(icd_features),
             adapter=adapter,
             normalize=normalize,
+            output_features=tuple(output_features),
         )
         self.model = LeverLMModel(self.config)
         self._table_bank: Any = None
@@ -133,7 +143,33 @@ class LeverLMModule(L.LightningModule):
             icd[m] = full.index_copy(0, batch["icd_index"], flat).view(B, L, -1)
         return query, icd
 
+    def ensure_output_bank(self) -> None:
+        """Load the supporting set's features for a feature-tied output head (once, on the
+        model's device) from the data module's feature store."""
+        model = self.model
+        if not self.config.output_features:
+            return
+        bank = model.output_bank
+        if bank is not None and all(t.device == self.device for t in bank.values()):
+            return
+        from leverlm.lever.generate import FeatureBank
+
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        store = getattr(dm, "store", None)
+        if store is None:
+            if bank is not None:  # moved to another device: move the bank with it
+                model.set_output_bank({m: t.to(self.device) for m, t in bank.items()})
+                return
+            raise ValueError(
+                "model.output_features needs the supporting set's features: train with a "
+                "data module that has a feature store (data.features), or call "
+                "model.set_output_bank(...)"
+            )
+        feats = FeatureBank.from_store(store, self.config.output_features, device=self.device)
+        model.set_output_bank(feats.features)
+
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.ensure_output_bank()
         query, icd = self.batch_features(batch)
         return self.model(batch["tokens"], query, icd, batch.get("targets"))
 
