@@ -128,3 +128,52 @@ def test_feature_store_folder_is_accepted(tmp_path):
     by_file = build_sampler("text_sim", 40, 5, 0, text_features=str(tmp_path / "text.npy"))
     assert by_folder.sample([3, 8]) == by_file.sample([3, 8])
     assert by_folder.sample([3]) == topk_cosine_reference(feats[::-1], [3], 5)
+
+
+def _joint_reference(image: np.ndarray, text: np.ndarray, anchor: int, k: int) -> list[int]:
+    """Top-k by the mean of image and text cosines, ties to the lower position, no anchor."""
+
+    def cos(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return x @ x[anchor]
+
+    score = (cos(image) + cos(text)) / 2
+    order = sorted((p for p in range(len(image)) if p != anchor), key=lambda p: (-score[p], p))
+    return order[:k]
+
+
+def test_joint_similarity_is_the_mean_of_image_and_text_cosines(tmp_path):
+    rng = np.random.default_rng(5)
+    image = rng.standard_normal((50, 6)).astype(np.float32) * rng.uniform(0.5, 3, (50, 1))
+    text = rng.standard_normal((50, 4)).astype(np.float32)
+    text[10:20] = text[3]  # many equal texts (templated questions): the image decides
+    np.save(tmp_path / "image.npy", image)
+    np.save(tmp_path / "text.npy", text)
+    s = build_sampler(
+        "joint_sim", 50, 7, 0, image_features=str(tmp_path), text_features=str(tmp_path)
+    )
+    anchors = [3, 12, 49]
+    got = s.sample(anchors)
+    assert got == [_joint_reference(image, text, a, 7) for a in anchors]
+    assert s.sample([12]) == got[1:2]  # batch-invariant
+    # the text-only ranking differs: the image breaks the text ties
+    assert got[1] != build_sampler("text_sim", 50, 7, 0, text_features=str(tmp_path)).sample(
+        [12]
+    )[0]
+    m = build_sampler(
+        "mix",
+        50,
+        8,
+        1,
+        image_features=str(tmp_path),
+        text_features=str(tmp_path),
+        mix={"random": 0.5, "joint_sim": 0.5},
+    )
+    for a, c in zip(anchors, m.sample(anchors), strict=True):
+        assert len(set(c)) == 8 and a not in c
+        assert set(_joint_reference(image, text, a, 4)) <= set(c)
+    with pytest.raises(SamplerError, match="joint_sim.*text_features"):
+        build_sampler("joint_sim", 50, 7, 0, image_features=str(tmp_path))
+    with pytest.raises(SamplerError, match="joint_sim"):
+        build_sampler("mix", 50, 8, 1, image_features=str(tmp_path), mix={"joint_sim": 1.0})

@@ -10,6 +10,10 @@ Samplers:
 - ``image_sim`` / ``text_sim``: the K positions most cosine-similar to the anchor in a
   feature array (any ``(N, D)`` ``.npy`` file aligned with positions, e.g. a feature store's
   ``image.npy`` / ``text.npy``), read memory-mapped in row chunks.
+- ``joint_sim``: the K positions most similar in image *and* text at once: the mean of the
+  image and text cosines (= the cosine of the two L2-normalised features side by side). Our
+  addition: for templated questions (easy-vqa, VQAv2 "what color...") many ICDs tie on text
+  alone, and the ones that also look like the anchor are those that share its answer.
 - ``mix``: a blend of the above (e.g. 0.5 random / 0.25 image / 0.25 text), deduplicated and
   topped up with random positions to exactly K.
 
@@ -27,7 +31,8 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import numpy as np
 
-SAMPLERS = ("random", "image_sim", "text_sim", "mix")
+SAMPLERS = ("random", "image_sim", "text_sim", "joint_sim", "mix")
+SIMILARITIES = ("image_sim", "text_sim", "joint_sim")
 # Default blend of the ``mix`` sampler (the paper's 0.5 / 0.25 / 0.25).
 DEFAULT_MIX: dict[str, float] = {"random": 0.5, "image_sim": 0.25, "text_sim": 0.25}
 
@@ -247,9 +252,9 @@ def split_counts(k: int, weights: Mapping[str, float]) -> dict[str, int]:
     if not weights:
         raise SamplerError("mix weights are empty")
     for name, w in weights.items():
-        if name not in ("random", "image_sim", "text_sim"):
+        if name not in ("random", *SIMILARITIES):
             raise SamplerError(
-                f"mix weight for unknown sampler {name!r}; use random, image_sim, text_sim"
+                f"mix weight for unknown sampler {name!r}; use random, " + ", ".join(SIMILARITIES)
             )
         if not (w >= 0 and math.isfinite(w)):
             raise SamplerError(f"mix weight {name}={w} must be a finite number >= 0")
@@ -276,21 +281,23 @@ class MixSampler:
         weights: Mapping[str, float],
         image: SimilaritySampler | None = None,
         text: SimilaritySampler | None = None,
+        joint: SimilaritySampler | None = None,
     ) -> None:
         _check_k(k, num_samples)
         self.counts = split_counts(k, weights)
-        for name, sim in (("image_sim", image), ("text_sim", text)):
+        needs = {"image_sim": "an image_features", "text_sim": "a text_features",
+                 "joint_sim": "both image_features and text_features"}  # fmt: skip
+        for name, sim in (("image_sim", image), ("text_sim", text), ("joint_sim", joint)):
             if self.counts.get(name, 0) and sim is None:
-                raise SamplerError(
-                    f"mix uses {name} but no {name.split('_')[0]}_features file was given"
-                )
+                raise SamplerError(f"mix uses {name} but {needs[name]} file was not given")
         self.num_samples, self.k, self.seed = num_samples, k, seed
         self.random = RandomSampler(num_samples, k, seed)
-        self.image, self.text = image, text
+        self.image, self.text, self.joint = image, text, joint
 
     def sample(self, anchors: Sequence[int]) -> list[list[int]]:
         parts: dict[str, list[list[int]]] = {}
-        for name, sim in (("image_sim", self.image), ("text_sim", self.text)):
+        sims = (("image_sim", self.image), ("text_sim", self.text), ("joint_sim", self.joint))
+        for name, sim in sims:
             if self.counts.get(name, 0):
                 assert sim is not None
                 parts[name] = sim.sample(anchors, self.counts[name])
@@ -329,7 +336,8 @@ def build_sampler(
     text_features: str | None = None,
     mix: Mapping[str, float] | None = None,
 ) -> CandidateSampler:
-    """A candidate sampler by name (``random``, ``image_sim``, ``text_sim``, ``mix``).
+    """A candidate sampler by name (``random``, ``image_sim``, ``text_sim``, ``joint_sim``,
+    ``mix``).
 
     Args:
         num_samples: size of the supporting set (feature files must have this many rows).
@@ -349,12 +357,45 @@ def build_sampler(
             raise SamplerError(f"sampler {kind!r} needs {name} (a .npy feature array)")
         return SimilaritySampler(feature_file(path, name.split("_")[0]), k, num_samples=num_samples)
 
+    def joint() -> SimilaritySampler:
+        for name, path in (("image_features", image_features), ("text_features", text_features)):
+            if not path:
+                raise SamplerError(f"sampler 'joint_sim' needs {name} (a .npy feature array)")
+        return SimilaritySampler(
+            joint_features(
+                load_feature_array(feature_file(image_features, "image"), num_samples),
+                load_feature_array(feature_file(text_features, "text"), num_samples),
+            ),
+            k,
+            num_samples=num_samples,
+        )
+
     if kind == "image_sim":
         return sim("image_features", image_features)
     if kind == "text_sim":
         return sim("text_features", text_features)
+    if kind == "joint_sim":
+        return joint()
     weights = dict(mix) if mix else dict(DEFAULT_MIX)
     counts = split_counts(k, weights)
     image = sim("image_features", image_features) if counts.get("image_sim") else None
     text = sim("text_features", text_features) if counts.get("text_sim") else None
-    return MixSampler(num_samples, k, seed, weights, image=image, text=text)
+    both = joint() if counts.get("joint_sim") else None
+    return MixSampler(num_samples, k, seed, weights, image=image, text=text, joint=both)
+
+
+def joint_features(image: np.ndarray, text: np.ndarray, block: int = 65536) -> np.ndarray:
+    """``[image / |image|, text / |text|]`` per row, float32: its cosine between two rows is the
+    mean of their image and text cosines."""
+    import numpy as np
+
+    if image.shape[0] != text.shape[0]:
+        raise SamplerError(
+            f"image and text features have {image.shape[0]} and {text.shape[0]} rows"
+        )
+    out = np.empty((image.shape[0], image.shape[1] + text.shape[1]), dtype=np.float32)
+    for start in range(0, image.shape[0], block):
+        end = start + block
+        out[start:end, : image.shape[1]] = _normalise(image[start:end])
+        out[start:end, image.shape[1] :] = _normalise(text[start:end])
+    return out
