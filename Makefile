@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM ?= false
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint format demo gt-data train eval report bench clean
+.PHONY: help install test lint format demo demo-models gt-data train eval report bench clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -48,20 +48,27 @@ format: install ## apply ruff fixes and formatting
 demo: install ## the whole pipeline on the embedded easy-vqa set (CPU, minutes)
 	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) $(ARGS)
 
+# The demo's own small models (a CLIP and an in-context Idefics3), committed under
+# src/leverlm/assets/demo: this retrains them from the embedded data (CPU, ~15 min).
+DEMO_MODELS_OUT ?= src/leverlm/assets/demo
+demo-models: install ## retrain the demo's CLIP and LVLM (writes src/leverlm/assets/demo) [ARGS=]
+	$(VENV)/bin/leverlm prep easyvqa --out $(DEMO_DIR)/data
+	$(PY) -m leverlm.demo_models all --out $(DEMO_MODELS_OUT) --data $(DEMO_DIR)/data $(ARGS)
+
 # Pipeline steps. Without CONFIG they run on the demo's easy-vqa set under $(DEMO_DIR) (each
 # step prepares what it needs); with CONFIG they run that config, e.g.
 #   make gt-data CONFIG=experiments/vqav2/gt_idefics.yaml ARGS="--trainer.devices 8"
 CONFIG ?=
 gt-data: install ## ground-truth ICD sequences (LVLM beam search) [CONFIG=, ARGS=]
 ifeq ($(CONFIG),)
-	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --steps prep,lvlm,gt --gt-args "$(ARGS)"
+	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --steps prep,models,features,gt --gt-args "$(ARGS)"
 else
 	$(VENV)/bin/leverlm gt predict --config $(CONFIG) $(ARGS)
 endif
 
 train: install ## train Lever-LM on the gt data [CONFIG=, ARGS=]
 ifeq ($(CONFIG),)
-	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --steps prep,lvlm,features,gt,train --train-args "$(ARGS)"
+	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --steps prep,models,features,gt,train --train-args "$(ARGS)"
 else
 	$(VENV)/bin/leverlm train fit --config $(CONFIG) $(ARGS)
 endif

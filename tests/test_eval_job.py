@@ -529,7 +529,10 @@ def test_shipped_configs_parse_with_the_papers_settings(name, capsys):
 
 
 def test_demo_config_runs_on_tiny_data(world, tmp_path):
-    """The demo config with its paths pointed at the tiny world runs end to end."""
+    """The demo config (committed demo LVLM, vqa_nonce) on the tiny world runs end to end."""
+    from leverlm.demo_models import lvlm_dir
+    from leverlm.tasks import NonceAnswers
+
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "demo"
     args = [
@@ -538,7 +541,7 @@ def test_demo_config_runs_on_tiny_data(world, tmp_path):
         "--data.support_features", str(world.support_store),
         "--data.retrievers.fixed.gt_dir", str(world.gt),
         "--data.retrievers.lever_lm.checkpoint", str(world.ckpt),
-        "--model.path", str(world.lvlm), "--data.limit", "3", "--data.shots", "[1, 8]",
+        "--model.path", str(lvlm_dir()), "--data.limit", "3", "--data.shots", "[1, 8]",
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
     assert (
@@ -555,5 +558,18 @@ def test_demo_config_runs_on_tiny_data(world, tmp_path):
         == 0
     )
     preds = _predictions(out)
-    assert len(preds) == 3 * (1 + 7 * 2)
+    assert len(preds) == 3 * (1 + 8 * 2)  # zero-shot once, 8 methods x 2 shot counts
     assert json.loads((out / "manifest.json").read_text())["trained_shots"] == 2
+    # scored against the query's own nonce words, as its prompt showed them
+    from leverlm.data.collection import Collection
+
+    support, qcoll = Collection(world.support), Collection(world.queries)
+    queries = {k: qcoll.fields(p) for p, k in enumerate(qcoll.keys)}
+    for p in preds:
+        mapping = NonceAnswers().mapping(p["query_key"])
+        assert p["references"] == [mapping[a] for a in queries[p["query_key"]]["answers"]]
+        if p["method"] == "oracle":
+            answer = queries[p["query_key"]]["answer"]
+            same = sum(support.fields(i)["answer"] == answer for i in range(len(support)))
+            icds = p["icd_positions"][len(p["icd_positions"]) - min(same, p["shots"]) :]
+            assert all(support.fields(i)["answer"] == answer for i in icds)

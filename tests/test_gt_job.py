@@ -405,14 +405,27 @@ def test_experiment_configs_run_on_tiny_stand_ins(config, stand_ins, tmp_path):
 
 
 def test_demo_config_runs_with_the_default_logger(world, tmp_path):
-    """conf/gt/easyvqa_tiny.yaml as the demo calls it (paths overridden), wandb disabled."""
+    """conf/gt/easyvqa_tiny.yaml as the demo calls it (the committed demo LVLM on the tiny
+    collection), wandb disabled."""
+    import numpy as np
+
+    from leverlm.demo_models import lvlm_dir
+
     out = tmp_path / "demo"
     assert os.environ.get("WANDB_MODE") == "disabled"
-    overrides = ["--data.collection", str(world.coll), "--model.path", str(world.lvlm)]
+    rng = np.random.default_rng(0)
+    for name in ("image", "text"):  # the demo's mix sampler reads the CLIP feature arrays
+        np.save(tmp_path / f"{name}.npy", rng.standard_normal((NUM_SAMPLES, 8)).astype("f2"))
+    overrides = ["--data.collection", str(world.coll), "--model.path", str(lvlm_dir())]
+    overrides += ["--data.image_features", str(tmp_path / "image.npy")]
+    overrides += ["--data.text_features", str(tmp_path / "text.npy")]
     cfg = ROOT / "conf" / "gt" / "easyvqa_tiny.yaml"
     assert _run(cfg, out, *overrides, "--data.num_anchors", "4", "--progress_bar", "false") == 0
     manifest, records = read_gt(out)
     assert len(records) == 4 and manifest["config"]["data"]["num_candidates"] == 16
+    assert manifest["config"]["data"]["mix"] == {"random": 0.5, "joint_sim": 0.5}
+    assert manifest["lvlm"]["model_type"] == "idefics3"
+    assert manifest["config"]["model"]["task"] == "vqa_nonce"
     assert (out / "logs").is_dir()
 
 

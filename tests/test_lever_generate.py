@@ -158,9 +158,12 @@ def make_tied(backbone: str = "gpt2", **kw):
     return model, bank, q
 
 
-@pytest.mark.parametrize("backbone,normalize", [("gpt2", False), ("lstm", False), ("gpt2", True)])
-def test_output_head_logits_equal_a_loop_over_icds(backbone, normalize):
-    model, bank, _ = make_tied(backbone, normalize=normalize)
+@pytest.mark.parametrize(
+    "backbone,normalize,ids",
+    [("gpt2", False, True), ("lstm", False, True), ("gpt2", True, True), ("gpt2", True, False)],
+)
+def test_output_head_logits_equal_a_loop_over_icds(backbone, normalize, ids):
+    model, bank, _ = make_tied(backbone, normalize=normalize, output_ids=ids)
     h = torch.randn(3, 5, 32, dtype=torch.float64)
     fast, slow = model.logits(h), model.logits_reference(h)
     assert fast.shape == (3, 5, model.config.vocab_size)
@@ -168,6 +171,14 @@ def test_output_head_logits_equal_a_loop_over_icds(backbone, normalize):
     # special tokens keep the plain head's logits; ICD logits move with the ICD's features
     N = model.config.num_icds
     torch.testing.assert_close(fast[..., N:], model.lm_head(h)[..., N:])
+    if not ids:  # features alone: two ICDs with the same features score the same
+        same = {m: t.clone() for m, t in bank.features.items()}
+        for t in same.values():
+            t[5] = t[6]
+        model.set_output_bank(same)
+        tied = model.logits(h)
+        torch.testing.assert_close(tied[..., 5], tied[..., 6])
+        model.set_output_bank(bank.features)
     moved = {m: t.clone() for m, t in bank.features.items()}
     moved["image"][7] += 1.0
     model.set_output_bank(moved)
@@ -176,9 +187,9 @@ def test_output_head_logits_equal_a_loop_over_icds(backbone, normalize):
     torch.testing.assert_close(after[..., :7], fast[..., :7])
 
 
-@pytest.mark.parametrize("backbone", ["gpt2", "lstm"])
-def test_output_head_kv_cached_greedy_and_beam_equal_reference(backbone):
-    model, bank, q = make_tied(backbone)
+@pytest.mark.parametrize("backbone,ids", [("gpt2", True), ("lstm", True), ("gpt2", False)])
+def test_output_head_kv_cached_greedy_and_beam_equal_reference(backbone, ids):
+    model, bank, q = make_tied(backbone, output_ids=ids)
     fast = greedy_decode(model, q, bank, shots=6)
     assert fast.tolist() == reference_decode(model, q, bank, shots=6).tolist()
     # the plain head ranks differently: the tied head is really in the loop

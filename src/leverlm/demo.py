@@ -8,6 +8,7 @@ resumes what is not. Outputs go under ``--out`` (default ``runs/demo``).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-STEPS = ("prep", "lvlm", "features", "gt", "train", "eval", "report")
+STEPS = ("prep", "models", "features", "gt", "train", "eval", "report")
 
 
 class DemoError(RuntimeError):
@@ -57,7 +58,15 @@ class DemoPaths:
 
     @property
     def lvlm(self) -> Path:
-        return self.out / "models" / "tiny-idefics"
+        from leverlm.demo_models import lvlm_dir
+
+        return lvlm_dir()
+
+    @property
+    def clip(self) -> Path:
+        from leverlm.demo_models import clip_checkpoint
+
+        return clip_checkpoint()
 
     def features(self, collection: Path) -> Path:
         return self.out / "features" / collection.name / "leverlm-tiny-clip"
@@ -109,13 +118,26 @@ class Demo:
     def step_prep(self) -> None:
         self.run("prep", _leverlm("prep", "easyvqa", "--out", self.paths.data))
 
-    def step_lvlm(self) -> None:
-        target = self.paths.lvlm
-        if (target / "config.json").exists():
-            print(f"\n[demo:lvlm] {target} exists, skipping")
-            return
-        cmd = [sys.executable, "-m", "leverlm.lvlm.tiny", "idefics", str(target)]
-        self.run("lvlm", cmd)
+    def step_models(self) -> None:
+        """The committed demo models (``make demo-models`` retrains them): check and describe."""
+        clip, lvlm = self.paths.clip, self.paths.lvlm
+        missing = [str(p) for p in (clip, lvlm / "config.json", lvlm / "model.safetensors")]
+        missing = [p for p in missing if not Path(p).is_file()]
+        if missing:
+            raise DemoError(
+                f"the demo models are missing ({', '.join(missing)}): restore them from git "
+                "or retrain them with `make demo-models`"
+            )
+        print(f"\n[demo:models] CLIP {clip.name} ({clip.stat().st_size / 2**20:.1f} MiB)")
+        print(f"[demo:models] LVLM {lvlm} (idefics3, task vqa_nonce)")
+        for name, path in (
+            ("CLIP", clip.parent / "metrics.json"),
+            ("LVLM", lvlm / "evaluation.json"),
+        ):
+            if path.is_file():
+                info = json.loads(path.read_text())
+                facts = info.get("test") or info.get("accuracy")
+                print(f"[demo:models] {name} measured when trained: {json.dumps(facts)}")
 
     def step_features(self) -> None:
         for coll in (self.paths.train_collection, self.paths.test_collection):
@@ -129,6 +151,8 @@ class Demo:
                     self.paths.features(coll),
                     "--model",
                     "leverlm-tiny-clip",
+                    "--pretrained",
+                    self.paths.clip,
                     "--accelerator",
                     "cpu",
                     # the tiny encoder's ops are too small to gain from a second thread
@@ -149,6 +173,10 @@ class Demo:
                 self.paths.gt,
                 "--data.collection",
                 self.paths.train_collection,
+                "--data.image_features",
+                self.paths.features(self.paths.train_collection) / "image.npy",
+                "--data.text_features",
+                self.paths.features(self.paths.train_collection) / "text.npy",
                 "--model.path",
                 self.paths.lvlm,
                 *self.extra.get("gt", []),

@@ -58,6 +58,7 @@ class LeverLMConfig:
     adapter: bool = True  # MLP adapter; False: linear projection (identity if dims match)
     normalize: bool = False  # L2-normalise features before the adapter
     output_features: tuple[str, ...] = ()  # feature-tied output head (see module docstring)
+    output_ids: bool = True  # with output_features: keep the token-embedding term of ICD logits
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, not used by the net
 
     def __post_init__(self) -> None:
@@ -301,6 +302,8 @@ class LeverLMModel(nn.Module):
         bank = self._bank_matrix.to(h.dtype)
         icd = (h @ W) @ bank.t() + (h @ bias).unsqueeze(-1)  # (..., N)
         N = self.config.num_icds
+        if not self.config.output_ids:  # ICDs scored by their features alone
+            return torch.cat([icd, out[..., N:]], dim=-1)
         return torch.cat([out[..., :N] + icd, out[..., N:]], dim=-1)
 
     def logits_reference(self, h: Tensor) -> Tensor:
@@ -308,6 +311,8 @@ class LeverLMModel(nn.Module):
         (for parity tests)."""
         out = self.lm_head(h).clone()
         cfg = self.config
+        if cfg.output_features and not cfg.output_ids:
+            out[..., : cfg.num_icds] = 0
         for j in range(cfg.num_icds if cfg.output_features else 0):
             for m in cfg.output_features:
                 f = self._bank_feature(self._output_bank[m][j]).to(h.dtype)

@@ -37,6 +37,8 @@ class LeverLMModule(L.LightningModule):
         output_features: modalities of the feature-tied output head (our extension; empty = the
             paper's head): an ICD's logit also gets ``h . W f(ICD)``, so what is learnt about
             one ICD carries over to similar ICDs no gt sequence contains. Frozen CLIP only.
+        output_ids: with ``output_features``, keep the tied token-embedding term in the ICD
+            logits (False: ICDs are scored by their features alone, nothing per ICD to memorise).
         clip_trainable: own an open_clip encoder and fine-tune it on the streamed images/texts.
         clip_model / clip_pretrained: its open_clip name and local checkpoint (None = random).
         clip_lr: learning rate of the CLIP parameters (default: ``lr``).
@@ -61,6 +63,7 @@ class LeverLMModule(L.LightningModule):
         adapter: bool = True,
         normalize: bool = False,
         output_features: tuple[Modality, ...] = (),
+        output_ids: bool = True,
         clip_trainable: bool = False,
         clip_model: str = "ViT-B-32-quickgelu",
         clip_pretrained: str | None = None,
@@ -114,6 +117,7 @@ class LeverLMModule(L.LightningModule):
             adapter=adapter,
             normalize=normalize,
             output_features=tuple(output_features),
+            output_ids=output_ids,
         )
         self.model = LeverLMModel(self.config)
         self._table_bank: Any = None
