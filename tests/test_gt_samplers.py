@@ -158,9 +158,9 @@ def test_joint_similarity_is_the_mean_of_image_and_text_cosines(tmp_path):
     assert got == [_joint_reference(image, text, a, 7) for a in anchors]
     assert s.sample([12]) == got[1:2]  # batch-invariant
     # the text-only ranking differs: the image breaks the text ties
-    assert got[1] != build_sampler("text_sim", 50, 7, 0, text_features=str(tmp_path)).sample(
-        [12]
-    )[0]
+    assert (
+        got[1] != build_sampler("text_sim", 50, 7, 0, text_features=str(tmp_path)).sample([12])[0]
+    )
     m = build_sampler(
         "mix",
         50,
