@@ -414,7 +414,7 @@ def test_demo_config_runs_with_the_default_logger(world, tmp_path):
     out = tmp_path / "demo"
     assert os.environ.get("WANDB_MODE") == "disabled"
     rng = np.random.default_rng(0)
-    for name in ("image", "text"):  # the demo's mix sampler reads the CLIP feature arrays
+    for name in ("image", "text"):  # the demo's joint_sim sampler reads the CLIP features
         np.save(tmp_path / f"{name}.npy", rng.standard_normal((NUM_SAMPLES, 8)).astype("f2"))
     overrides = ["--data.collection", str(world.coll), "--model.path", str(lvlm_dir())]
     overrides += ["--data.image_features", str(tmp_path / "image.npy")]
@@ -423,7 +423,7 @@ def test_demo_config_runs_with_the_default_logger(world, tmp_path):
     assert _run(cfg, out, *overrides, "--data.num_anchors", "4", "--progress_bar", "false") == 0
     manifest, records = read_gt(out)
     assert len(records) == 4 and manifest["config"]["data"]["num_candidates"] == 16
-    assert manifest["config"]["data"]["mix"] == {"random": 0.5, "joint_sim": 0.5}
+    assert manifest["config"]["data"]["sampler"] == "joint_sim"
     assert manifest["lvlm"]["model_type"] == "idefics3"
     assert manifest["config"]["model"]["task"] == "vqa_nonce"
     assert (out / "logs").is_dir()
