@@ -398,7 +398,10 @@ def test_report_is_logged_to_the_logger(world, tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        (["--data.methods", '["random", "siiir"]'], "unknown method 'siiir'; known: fixed"),
+        (
+            ["--data.methods", '["random", "siiir"]'],
+            "unknown method 'siiir'; known: answer_oracle, fixed",
+        ),
         (["--data.shots", "[1, -2]"], "shots=-2; shot counts must be >= 1"),
         (
             ["--data.retrievers", "{}", "--data.methods", '["lever_lm"]'],
