@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from leverlm.demo_models import clip_checkpoint, lvlm_dir
 from leverlm.demo_models.data import DemoModelsError
@@ -66,18 +67,23 @@ def _check(args: argparse.Namespace) -> None:
             open_collection(args.data / f"easyvqa-vqa-{split}", "vqa")
 
 
+def _with_steps(config: Any, steps: int | None) -> Any:
+    """``config`` shortened to ``steps`` (warmup, checkpoint and validation intervals capped)."""
+    if steps is None:
+        return config
+    caps = {"warmup": steps // 5, "checkpoint_every": steps, "val_every": steps}
+    return replace(
+        config,
+        steps=steps,
+        **{k: min(getattr(config, k), v) for k, v in caps.items() if hasattr(config, k)},
+    )
+
+
 def run_clip(args: argparse.Namespace, command: str) -> dict:
     from leverlm.demo_models.clip import ClipTrainConfig, train_clip
     from leverlm.utils import atomic_write_json
 
-    config = ClipTrainConfig(seed=args.seed)
-    if args.steps is not None:
-        config = replace(
-            config,
-            steps=args.steps,
-            warmup=min(config.warmup, args.steps // 5),
-            checkpoint_every=min(config.checkpoint_every, args.steps),
-        )
+    config = _with_steps(ClipTrainConfig(seed=args.seed), args.steps)
     out = clip_checkpoint(args.out).parent
     result = train_clip(
         args.data / "easyvqa-caption-train",
@@ -96,15 +102,7 @@ def run_lvlm(args: argparse.Namespace, command: str) -> dict:
     from leverlm.demo_models.lvlm import LVLMTrainConfig, evaluate_lvlm, train_lvlm
     from leverlm.utils import atomic_write_json
 
-    config = LVLMTrainConfig(seed=args.seed)
-    if args.steps is not None:
-        config = replace(
-            config,
-            steps=args.steps,
-            warmup=min(config.warmup, args.steps // 5),
-            checkpoint_every=min(config.checkpoint_every, args.steps),
-            val_every=min(config.val_every, args.steps),
-        )
+    config = _with_steps(LVLMTrainConfig(seed=args.seed), args.steps)
     if args.val_episodes is not None:
         config = replace(config, val_episodes=args.val_episodes)
         if args.val_episodes == 0:

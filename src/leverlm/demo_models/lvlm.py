@@ -49,21 +49,9 @@ import numpy as np
 from leverlm.data.prep.easyvqa import SHAPES
 from leverlm.demo_models import LVLM_TYPE, TASK
 from leverlm.demo_models.data import DemoModelsError, VQAData, draw_icds
+from leverlm.lvlm.tiny_interleaved import IDEFICS3_SPECIAL_TOKENS as SPECIAL_TOKENS
 from leverlm.tasks import EASYVQA_ANSWERS, NONCE_WORDS, get_task
 from leverlm.utils import atomic_write_json
-
-FAKE = "<fake_token_around_image>"
-SPECIAL_TOKENS = (
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|finetune_right_pad_id|>",
-    FAKE,
-    "<image>",
-    "<end_of_utterance>",
-    "<global-img>",
-    # Idefics3's tiling tokens: unused here (no tiling) but part of its processor's vocabulary.
-    *(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)),
-)
 
 
 @dataclass(frozen=True)

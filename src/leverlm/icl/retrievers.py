@@ -419,8 +419,8 @@ class AnswerOracleRetriever(Retriever):
         super().__init__(n, exclude_query_position)
         self.field, self.seed = str(field), int(seed)
         groups: dict[str, list[int]] = {}
-        for pos in range(n):
-            groups.setdefault(self._label(support.fields(pos), pos, supporting_set), []).append(pos)
+        for pos, fields in enumerate(support.all_fields()):
+            groups.setdefault(self._label(fields, pos, supporting_set), []).append(pos)
         self.groups = {k: np.asarray(v, dtype=np.int64) for k, v in groups.items()}
 
     def _label(self, fields: dict[str, Any], pos: int, where: str) -> str:

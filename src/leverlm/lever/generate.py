@@ -354,13 +354,7 @@ class LeverLM:
     ):
         self.model = model.eval()
         self.bank = bank
-        if model.config.output_features and model.output_bank is None:
-            if bank is None:
-                raise ValueError(
-                    "this Lever-LM has a feature-tied output head: give the supporting set's "
-                    f"{list(model.config.output_features)} features"
-                )
-            model.set_output_bank(bank.features)
+        _ensure_output_bank(model, bank)
         self.query_features = query_features
         self.clip = clip  # fine-tuned CLIP of a clip_trainable checkpoint, else None
         self.info = dict(info or {})
@@ -389,7 +383,7 @@ class LeverLM:
         """
         import torch
 
-        from leverlm.lever.model import LeverLMConfig, LeverLMModel
+        from leverlm.lever.model import MODALITIES, LeverLMConfig, LeverLMModel
 
         ckpt = _load_checkpoint(path)
         config = LeverLMConfig.from_dict(ckpt["leverlm_config"])
@@ -409,7 +403,7 @@ class LeverLM:
             clip.to(device).eval()
         # the ICD tokens' features, and the feature-tied output head's
         mods = tuple(
-            m for m in ("image", "text") if m in config.icd_features or m in config.output_features
+            m for m in MODALITIES if m in config.icd_features or m in config.output_features
         )
         bank = None
         if not mods:

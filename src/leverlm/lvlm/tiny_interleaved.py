@@ -27,6 +27,18 @@ from leverlm.utils import atomic_replace_dir
 SIZES = ("test", "bench")
 
 FAKE = "<fake_token_around_image>"
+#: Idefics3's special tokens: bos, eos, pad first, then the image markers and its tiling
+#: tokens (part of its processor's vocabulary even where tiling is unused).
+IDEFICS3_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|finetune_right_pad_id|>",
+    FAKE,
+    "<image>",
+    "<end_of_utterance>",
+    "<global-img>",
+    *(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)),
+)
 
 
 def _check_size(size: str) -> None:
@@ -253,21 +265,12 @@ def build_tiny_idefics3(out_dir: str | Path, seed: int = 0, size: str = "test") 
     _check_size(size)
 
     def write(folder: Path) -> None:
-        layout = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+        bos, eos, pad = IDEFICS3_SPECIAL_TOKENS[:3]
         tok = byte_level_tokenizer(
-            [
-                "<|begin_of_text|>",
-                "<|end_of_text|>",
-                "<|finetune_right_pad_id|>",
-                FAKE,
-                "<image>",
-                "<end_of_utterance>",
-                "<global-img>",
-                *layout,
-            ],
-            bos="<|begin_of_text|>",
-            eos="<|end_of_text|>",
-            pad="<|finetune_right_pad_id|>",
+            IDEFICS3_SPECIAL_TOKENS,
+            bos=bos,
+            eos=eos,
+            pad=pad,
             vocab_size=_vocab_size(size),
         )
         vision = _siglip(size)
