@@ -1,12 +1,24 @@
-"""Test-wide settings: offline, quiet, few threads, deterministic."""
+"""Test-wide settings: offline, quiet, few threads, deterministic.
+
+Set here, not inherited: ``make test`` must give the same result whatever the calling shell
+exports (``WANDB_MODE=online``, a thread count, ...). Subprocesses started by the tests
+inherit these values.
+"""
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+for _name in list(os.environ):
+    if _name.startswith("WANDB_") or _name.startswith("LEVERLM_"):
+        del os.environ[_name]
+os.environ.update(
+    {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+)
 
 import pytest  # noqa: E402
 

@@ -4,14 +4,12 @@ command reads them."""
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from leverlm import demo
 from leverlm.demo_models import CLIP_FILE, clip_checkpoint, lvlm_dir
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_reads_the_committed_models(tmp_path, capsys) -> None:

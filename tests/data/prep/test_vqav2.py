@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from collection_fixtures import leftovers, make_vqav2
+from helpers.collection_data import leftovers, make_vqav2
 
 from leverlm.data.collection import Collection
 from leverlm.data.prep.cli import main

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from collection_fixtures import caption_records, jpeg_bytes, leftovers
+from helpers.collection_data import caption_records, jpeg_bytes, leftovers
 
 from leverlm.data.collection import (
     Collection,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import easy_vqa
 import pytest
-from collection_fixtures import leftovers
+from helpers.collection_data import leftovers
 from PIL import Image
 
 from leverlm.data.collection import Collection

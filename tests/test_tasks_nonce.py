@@ -11,7 +11,7 @@ from collections import Counter
 import easy_vqa
 import pytest
 import torch
-from PIL import Image
+from helpers.easyvqa import easyvqa_samples
 
 from leverlm.data.prep.easyvqa import COLORS, SHAPES, YES_NO
 from leverlm.gt.scoring import score_candidates, score_candidates_reference
@@ -25,26 +25,6 @@ from leverlm.tasks import (
     TaskError,
     get_task,
 )
-
-
-def easyvqa_sample(i: int) -> dict:
-    """Real easy-vqa test question ``i`` in the collection sample format."""
-    questions, answers, image_ids = easy_vqa.get_test_questions()
-    path = easy_vqa.get_test_image_paths()[image_ids[i]]
-    return {
-        "__key__": f"easyvqa-test-q{i:06d}",
-        "position": i,
-        "image": Image.open(path).convert("RGB"),
-        "question": questions[i],
-        "answer": answers[i],
-        "answers": [answers[i]] * 10,
-        "image_id": image_ids[i],
-    }
-
-
-def easyvqa_samples(n: int, offset: int = 0) -> list[dict]:
-    """``n`` consecutive real easy-vqa test samples."""
-    return [easyvqa_sample(i) for i in range(offset, offset + n)]
 
 
 @pytest.fixture(scope="module")

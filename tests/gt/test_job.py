@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import ROOT
 
 from leverlm.gt.data import read_gt
 from leverlm.gt.job import main
@@ -302,7 +303,6 @@ def test_limited_run_keeps_its_parts_and_a_rerun_finishes(world, tmp_path, caplo
 
 # -- the shipped configs ----------------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(ROOT.glob("experiments/*/gt_*.yaml"))
 PAPER = {
     "data": {"num_anchors": 5000, "sampler": "random", "num_candidates": 64},

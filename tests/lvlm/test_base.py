@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT
 from PIL import Image
 
 from leverlm.lvlm import LVLMError, known_model_types, load_lvlm, register_lvlm
@@ -150,14 +151,13 @@ def test_import_is_light():
 
 def test_conf_lvlm_fragments_are_load_lvlm_arguments(tmp_path):
     import inspect
-    from pathlib import Path
 
     from omegaconf import OmegaConf
 
     from leverlm.lvlm.tiny import build_tiny
     from leverlm.tasks import get_task
 
-    folder = Path(__file__).resolve().parents[1] / "conf" / "lvlm"
+    folder = ROOT / "conf" / "lvlm"
     files = sorted(folder.glob("*.yaml"))
     assert files
     params = set(inspect.signature(load_lvlm).parameters) - {"kwargs"}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_lever_world import make_world
+from helpers.lever_world import make_world
 
 from leverlm.lever.model import IGNORE_INDEX, LeverLMConfig, LeverLMModel, build_sequences
 

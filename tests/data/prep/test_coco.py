@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from collection_fixtures import leftovers, make_coco_official, make_karpathy, write_image
+from helpers.collection_data import leftovers, make_coco_official, make_karpathy, write_image
 
 from leverlm.cli import main as leverlm_main
 from leverlm.data.collection import Collection

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_lever_world import World, make_world, write_store
+from helpers import ROOT
+from helpers.lever_world import World, make_world, write_store
 
 from leverlm.lever.module import main as train_main
 
-ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted(ROOT.glob("experiments/*/lever_*.yaml"))
 PAPER = (
     "coco/lever_openflamingo.yaml",

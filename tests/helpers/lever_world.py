@@ -1,7 +1,4 @@
-"""Tiny on-disk worlds for the Lever-LM tests (gt dataset + feature store), and data tests.
-
-The other ``test_lever_*`` files import the builders from here.
-"""
+"""Tiny on-disk worlds for the Lever-LM tests: a gt dataset, a feature store, a collection."""
 
 from __future__ import annotations
 
@@ -10,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from leverlm.utils import atomic_write_json
 
@@ -158,88 +154,3 @@ def make_world(
     coll = str(write_vqa_collection(root / "support", num_icds)) if with_collection else ""
     gt = write_gt(root / "gt", sequences, num_icds, order=order, supporting_set=coll)
     return World(gt, store, image, text, sequences, num_icds, Path(coll) if coll else None)
-
-
-# -- data tests ------------------------------------------------------------------------------
-def test_split_is_seeded_disjoint_and_order_independent():
-    from leverlm.lever.data import split_anchors
-
-    anchors = list(range(100))
-    train, val = split_anchors(anchors, 0.1, seed=3)
-    assert len(val) == 10 and not set(train) & set(val) and sorted(train + val) == anchors
-    assert split_anchors(anchors[::-1], 0.1, seed=3) == (train, val)
-    assert split_anchors(anchors, 0.1, seed=4) != (train, val)
-    # tiny sets keep both sides non-empty
-    tr, va = split_anchors([5, 9], 0.1, seed=0)
-    assert len(tr) == 1 and len(va) == 1
-
-
-def test_datamodule_batches_features_and_all_beams(tmp_path):
-    from leverlm.lever.data import LeverLMDataModule
-    from leverlm.lever.model import IGNORE_INDEX
-
-    w = make_world(tmp_path, num_anchors=10, beams=3)
-    dm = LeverLMDataModule(str(w.gt_dir), features=str(w.store_dir), batch_size=4, val_fraction=0.2)
-    assert dm.num_icds == 32 and dm.feature_dim == 16
-    dm.setup("fit")
-    assert len(dm.train_dataset) + len(dm.val_dataset) == 30  # every beam of every anchor
-    train_anchors = {p for p, _ in dm.train_dataset.items}
-    val_anchors = {p for p, _ in dm.val_dataset.items}
-    assert len(val_anchors) == 2 and not train_anchors & val_anchors
-    batch = next(iter(dm.val_dataloader()))
-    N = w.num_icds
-    tokens, targets = batch["tokens"], batch["targets"]
-    assert tokens.shape == (4, 4)
-    assert (tokens[:, 0] == N + 1).all() and (tokens[:, 1] == N + 2).all()
-    for b in range(4):
-        q = int(batch["query_position"][b])
-        seq = tokens[b, 2:].tolist()
-        assert seq in w.sequences[q]
-        assert targets[b].tolist() == [IGNORE_INDEX, *seq, N]
-        np.testing.assert_allclose(batch["query_feats"]["image"][b].float().numpy(), w.image[q])
-        np.testing.assert_allclose(batch["query_feats"]["text"][b].float().numpy(), w.text[q])
-        for t, p in enumerate(seq, start=2):
-            np.testing.assert_allclose(
-                batch["icd_feats"]["image"][b, t].float().numpy(), w.image[p]
-            )
-            np.testing.assert_allclose(batch["icd_feats"]["text"][b, t].float().numpy(), w.text[p])
-
-
-def test_score_threshold_and_construction_order(tmp_path):
-    from leverlm.lever.data import LeverLMDataModule
-
-    seqs = {0: [[1, 2], [3, 4]], 5: [[6, 7], [8, 9]]}
-    scores = {0: [0.9, 0.1], 5: [0.05, 0.01]}
-    write_gt(tmp_path / "gt", seqs, num_icds=10, order="left", scores=scores)
-    dm = LeverLMDataModule(str(tmp_path / "gt"), score_threshold=0.5, val_fraction=0.0)
-    dm.setup()
-    assert dm.train_dataset.items == [(0, (1, 2))]  # anchor 5 has no beam left
-    dm = LeverLMDataModule(str(tmp_path / "gt"), sequence_order="construction", val_fraction=0.0)
-    dm.setup()
-    assert (0, (2, 1)) in dm.train_dataset.items  # order=left: construction = reversed prompt
-    write_gt(tmp_path / "gt_r", seqs, num_icds=10, order="right")
-    dm = LeverLMDataModule(str(tmp_path / "gt_r"), sequence_order="construction", val_fraction=0.0)
-    dm.setup()
-    assert (0, (1, 2)) in dm.train_dataset.items
-    dm = LeverLMDataModule(str(tmp_path / "gt"), score_threshold=5.0)
-    with pytest.raises(ValueError, match="score_threshold"):
-        dm.setup()
-
-
-def test_bad_gt_inputs_fail_early_naming_the_problem(tmp_path):
-    from leverlm.gt.data import GtDataError
-    from leverlm.lever.data import LeverLMDataModule
-
-    with pytest.raises(GtDataError, match="not found"):
-        LeverLMDataModule(str(tmp_path / "missing"))
-    write_gt(tmp_path / "gt", {0: [[1, 12]]}, num_icds=10)
-    with pytest.raises(GtDataError, match=r"\[12\].*num_samples"):
-        LeverLMDataModule(str(tmp_path / "gt"))
-    w = make_world(tmp_path / "w", num_icds=20)
-    other = write_store(tmp_path / "other", w.image[:5], w.text[:5])
-    with pytest.raises(ValueError, match="5 rows"):
-        LeverLMDataModule(str(w.gt_dir), features=str(other))
-    with pytest.raises(ValueError, match="data.features is required"):
-        LeverLMDataModule(str(w.gt_dir), query_features=["image"])
-    with pytest.raises(ValueError, match="sequence_order"):
-        LeverLMDataModule(str(w.gt_dir), features=str(w.store_dir), sequence_order="random")

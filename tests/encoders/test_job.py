@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 from PIL import Image
 
 from leverlm.data.collection import Collection, SampleRecord, write_collection
@@ -32,7 +33,7 @@ from leverlm.encoders.job import (
 from leverlm.encoders.job import main as features_main
 from leverlm.encoders.store import DONE, MANIFEST, UNITS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = ROOT
 N = 13  # rows, all distinct; 26 work units; with batch size 4: image batches of 4, 4, 4, 1 then
 # text batches of 4, 4, 4, 1
 U = 2 * N

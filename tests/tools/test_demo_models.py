@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_nonce_task import easyvqa_sample, easyvqa_samples
+from helpers.easyvqa import easyvqa_sample, easyvqa_samples
 
 from leverlm.data.prep.easyvqa import prep_easyvqa
 from leverlm.demo_models import (

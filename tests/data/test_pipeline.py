@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch.utils.data as tud
-from collection_fixtures import caption_records
+from helpers.collection_data import caption_records
 
 from leverlm.data.collection import Collection, CollectionError, write_collection
 from leverlm.data.pipeline import stream_collection, worker_info

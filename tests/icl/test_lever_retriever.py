@@ -8,7 +8,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from eval_fixtures import NUM_SUPPORT, feature_store, gt_dataset, lever_checkpoint, vqa_collection
+from helpers.eval_world import (
+    NUM_SUPPORT,
+    feature_store,
+    gt_dataset,
+    lever_checkpoint,
+    vqa_collection,
+)
 
 from leverlm.icl.job import (
     EvalConfigError,

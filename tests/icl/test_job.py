@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from eval_fixtures import NUM_QUERIES, NUM_SUPPORT, build_world, feature_store
+from helpers import ROOT
+from helpers.eval_world import NUM_QUERIES, NUM_SUPPORT, build_world, feature_store
 
 from leverlm.icl.job import EvalDataModule, EvalModule, main
 
@@ -445,7 +446,7 @@ def test_feature_store_of_another_collection_is_refused(world, tmp_path, capsys,
 def test_lever_checkpoint_of_another_supporting_set_is_refused(
     world, tmp_path, capsys, no_model_load
 ):
-    from eval_fixtures import vqa_collection
+    from helpers.eval_world import vqa_collection
 
     other = vqa_collection(tmp_path / "other", NUM_SUPPORT - 1, "train")
     args = ["--data.supporting_set", str(other), "--data.support_features", "null"]
@@ -515,7 +516,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_shipped_configs_parse_with_the_papers_settings(name, capsys):
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     with pytest.raises(SystemExit) as exit_:
         main(["test", "--config", str(root / name), "--print_config"])
     assert exit_.value.code in (0, None)
@@ -536,7 +537,7 @@ def test_demo_config_runs_on_tiny_data(world, tmp_path):
     from leverlm.demo_models import lvlm_dir
     from leverlm.tasks import NonceAnswers
 
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     out = tmp_path / "demo"
     args = [
         "--data.queries", str(world.queries), "--data.supporting_set", str(world.support),
