@@ -149,3 +149,19 @@ def build_world(root: Path) -> dict[str, Path]:
         "gt": gt,
         "ckpt": ckpt,
     }
+
+
+def echo_lvlm(**kwargs: Any) -> Any:
+    """The tiny IDEFICS whose ``generate`` answers with the answer of the ICD next to the query
+    ("no" without ICDs), after building its prompts the adapter's way: gives the metric a
+    non-trivial spread across methods."""
+    from leverlm.lvlm.idefics import load
+
+    lvlm = load(**{**kwargs, "model_type": "idefics"})
+
+    def generate(icd_seqs, queries, **gen):
+        lvlm.encode_pairs(icd_seqs, queries, with_answer=False)
+        return [icds[-1]["answer"] if icds else "no" for icds in icd_seqs]
+
+    lvlm.generate = generate
+    return lvlm

@@ -188,27 +188,13 @@ def test_manifest_and_report_values_recomputed_from_predictions(world):
     assert md.splitlines()[0].startswith("| method | 0 | 1 (interp) | 2 (interp) | 3 (interp)")
 
 
-def echo_lvlm(**kwargs: Any) -> Any:
-    """The tiny IDEFICS whose ``generate`` answers with the answer of the ICD next to the query
-    ("no" without ICDs), after building its prompts the adapter's way: gives the metric a
-    non-trivial spread across methods."""
-    from leverlm.lvlm.idefics import load
-
-    lvlm = load(**{**kwargs, "model_type": "idefics"})
-
-    def generate(icd_seqs, queries, **gen):
-        lvlm.encode_pairs(icd_seqs, queries, with_answer=False)
-        return [icds[-1]["answer"] if icds else "no" for icds in icd_seqs]
-
-    lvlm.generate = generate
-    return lvlm
-
-
 def test_report_of_a_model_with_varied_scores(world, tmp_path):
     cfg = tmp_path / "echo.yaml"
     paths = {k: getattr(world, k) for k in ("queries", "support", "query_store", "support_store")}
     paths |= {"gt": world.gt, "ckpt": world.ckpt}
-    cfg.write_text(_config(paths, world.lvlm, model_type="echo", loader="test_eval_job:echo_lvlm"))
+    cfg.write_text(
+        _config(paths, world.lvlm, model_type="echo", loader="helpers.eval_world:echo_lvlm")
+    )
     out = tmp_path / "echo"
     assert _run(cfg, out, "--trained_shots", "3", "--interpolation_max_shots", "2") == 0
     from leverlm.icl.metrics import vqa_accuracy_reference
