@@ -20,10 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from leverlm.errors import LeverError
+
 STEPS = ("prep", "models", "features", "gt", "train", "eval", "report")
 
 
-class DemoError(RuntimeError):
+class DemoError(LeverError):
     """A demo step failed (names the step and the command)."""
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from leverlm.errors import LeverError
 from leverlm.icl.metrics import METRICS, MetricError
 from leverlm.utils import atomic_open
 
@@ -48,7 +49,7 @@ METRIC_LABELS = {"vqa_accuracy": "VQA accuracy (%)", "cider": "CIDEr (x100)"}
 FILE_NAMES = {"md": "report.md", "csv": "report.csv", "json": "report.json", "png": "report.png"}
 
 
-class ReportError(ValueError):
+class ReportError(LeverError):
     """Results that cannot be reported (names the file, line, field or value at fault)."""
 
 

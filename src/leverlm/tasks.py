@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from leverlm.errors import LeverError
+
 Sample = dict[str, Any]
 
 # The paper's IDEFICS instruction line for VQA.
@@ -36,7 +38,7 @@ NONCE_WORDS: tuple[str, ...] = (
 )  # fmt: skip
 
 
-class TaskError(ValueError):
+class TaskError(LeverError):
     """A sample or config does not fit the task (names the field and the sample key)."""
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from leverlm.errors import LeverError
 from leverlm.utils import atomic_replace_dir, fsync_dir, sha256_file
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ def _index_dtype() -> np.dtype:
     )
 
 
-class CollectionError(ValueError):
+class CollectionError(LeverError):
     """A folder is not a (complete, valid) collection, or a sample cannot be written to one."""
 
 

@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from leverlm.errors import LeverError
+
 if TYPE_CHECKING:
     from PIL import Image
 
 
-class DemoModelsError(ValueError):
+class DemoModelsError(LeverError):
     """Missing or unusable input for the demo models (names the folder, field or value)."""
 
 

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from leverlm.errors import LeverError
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -36,7 +38,7 @@ _INPUT_DTYPES = {
 _registered = False
 
 
-class EncoderError(ValueError):
+class EncoderError(LeverError):
     """A model name, checkpoint or precision that cannot be used (names the value)."""
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from leverlm.errors import LeverError
 from leverlm.utils import sha256_file
 
 FORMAT = "leverlm-features"
@@ -54,7 +55,7 @@ _NON_IDENTITY_KEYS = (
 )
 
 
-class FeatureStoreError(ValueError):
+class FeatureStoreError(LeverError):
     """A feature store is missing, incomplete, corrupt or built for other inputs."""
 
 

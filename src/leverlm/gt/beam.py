@@ -17,13 +17,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from leverlm.errors import LeverError
+
 ORDERS = ("left", "right")
 RANKINGS = ("last", "cumulative")
 
 ScoreFn = Callable[[Sequence[int], Sequence[int]], Sequence[float]]
 
 
-class BeamConfigError(ValueError):
+class BeamConfigError(LeverError):
     """An impossible beam-search setting (names the setting and its value)."""
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from leverlm.errors import LeverError
 from leverlm.utils import atomic_open, atomic_write_json, sha256_json
 
 FORMAT = "leverlm-gt"
@@ -41,7 +42,7 @@ _PART_RE = re.compile(r"^rank(\d+)-(\d{6,})\.jsonl$")
 _RECORD_KEYS = ("anchor_key", "anchor_position", "sequences", "scores", "step_scores")
 
 
-class GtDataError(ValueError):
+class GtDataError(LeverError):
     """A gt file is malformed or inconsistent (names the file and the field)."""
 
 

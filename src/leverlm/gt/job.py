@@ -37,6 +37,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from leverlm.errors import LeverError
 from leverlm.gt.beam import (
     BeamConfigError,
     CiderGainScorer,
@@ -64,7 +65,7 @@ log = logging.getLogger("leverlm.gt")
 SCORERS = ("infoscore", "logprob_mean", "logprob_sum", "cider_gain")
 
 
-class GtConfigError(ValueError):
+class GtConfigError(LeverError):
     """An impossible or inconsistent gt configuration (names the setting and the value)."""
 
 

@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from leverlm.errors import LeverError
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -43,7 +45,7 @@ _STREAM_RANDOM = 1
 _STREAM_TOPUP = 2
 
 
-class SamplerError(ValueError):
+class SamplerError(LeverError):
     """An impossible sampler configuration (names the setting and the value)."""
 
 

@@ -56,6 +56,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import leverlm.icl.lever_retriever  # noqa: F401 - registers lever_lm, lever_lm_shuffled, from_file
+from leverlm.errors import LeverError
 from leverlm.gt.data import (
     GtConfigMismatch,
     GtDataError,
@@ -96,11 +97,11 @@ FEATURE_ARGS = ("support_image", "query_image", "support_text", "query_text")
 REFERENCE_FIELDS = {"vqa_accuracy": "answers", "cider": "captions"}
 
 
-class EvalConfigError(ValueError):
+class EvalConfigError(LeverError):
     """An impossible or inconsistent eval configuration (names the setting and the value)."""
 
 
-class EvalError(RuntimeError):
+class EvalError(LeverError):
     """The run's results are incomplete or inconsistent (names the folder and what is missing)."""
 
 

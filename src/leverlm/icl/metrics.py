@@ -21,6 +21,8 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
+from leverlm.errors import LeverError
+
 log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
@@ -28,7 +30,7 @@ K = TypeVar("K", bound=Hashable)
 METRICS = ("vqa_accuracy", "cider")
 
 
-class MetricError(ValueError):
+class MetricError(LeverError):
     """Inputs a metric cannot score (names the key/field/value at fault)."""
 
 

@@ -24,6 +24,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from leverlm.errors import LeverError
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
 MostSimilar = Literal["last", "first"]
 
 
-class RetrieverError(ValueError):
+class RetrieverError(LeverError):
     """A retriever config or query that cannot work (names the value at fault)."""
 
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from leverlm.errors import LeverError
 from leverlm.tasks import Task, TaskError, get_task
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 Sample = dict[str, Any]
 
 
-class LVLMError(ValueError):
+class LVLMError(LeverError):
     """Bad model type, checkpoint folder, prompt or argument (names the offending value)."""
 
 

@@ -37,6 +37,7 @@ from leverlm.data.collection import (
     SampleRecord,
     folder_state,
 )
+from leverlm.errors import LeverError
 from leverlm.utils import sha256_file, sha256_json
 
 REENCODE_CHOICES = ("none", "jpg", "png")
@@ -53,7 +54,7 @@ _EXTENSIONS = {
 _MAX_LISTED_SKIPS = 1000
 
 
-class PrepError(Exception):
+class PrepError(LeverError):
     """Bad prep input or an output conflict; the message names the file, field and value."""
 
 
