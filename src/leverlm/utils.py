@@ -96,10 +96,12 @@ def set_cpu_threads(n: int | None = None) -> None:
     torch.set_num_threads(max(1, n))
 
 
-def setup_job_logging(log: logging.Logger) -> None:
-    """INFO logs of a job's logger on stderr, unless the application configured logging."""
+def setup_logging() -> None:
+    """INFO logs of ``leverlm.*`` on stderr (one line each), unless the application configured
+    logging itself."""
     import sys
 
+    log = logging.getLogger("leverlm")
     log.setLevel(logging.INFO)
     if not log.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stderr)

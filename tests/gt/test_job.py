@@ -19,7 +19,7 @@ import pytest
 from helpers import ROOT
 
 from leverlm.gt.data import read_gt
-from leverlm.gt.job import main
+from leverlm.cli import main as cli_main
 from leverlm.gt.samplers import RandomSampler, select_anchors
 
 NUM_SAMPLES = 24
@@ -101,7 +101,7 @@ progress_bar: false
 
 
 def _run(cfg: Path, out: Path, *extra: str) -> int:
-    return main(["predict", "--config", str(cfg), "--out", str(out), *extra])
+    return cli_main(["gt", "predict", "--config", str(cfg), "--out", str(out), *extra])
 
 
 def _bytes(out: Path) -> tuple[bytes, bytes]:
@@ -153,7 +153,7 @@ def test_rerun_of_a_finished_run_changes_nothing(world, tmp_path, caplog):
     parts = sorted(p.name for p in (out / "parts").iterdir())
     with caplog.at_level("INFO", logger="leverlm.gt"):
         assert _run(world.cfg, out) == 0
-    assert f"skipped {NUM_ANCHORS} anchors already done, 0 of 0 to do" in caplog.text
+    assert f"skipped {NUM_ANCHORS} anchors already done, 0 to do on this rank" in caplog.text
     assert sorted(p.name for p in (out / "parts").iterdir()) == parts
     assert _bytes(out) == _bytes(world.ref)
 
@@ -165,7 +165,7 @@ def test_merge_command_rebuilds_the_same_dataset(world, tmp_path, capsys):
     shutil.copytree(world.ref, out)
     (out / "records.jsonl").unlink()
     (out / "manifest.json").unlink()
-    assert main(["merge", "--out", str(out)]) == 0
+    assert cli_main(["gt", "merge", "--out", str(out)]) == 0
     assert _bytes(out) == _bytes(world.ref)
 
 
@@ -222,8 +222,8 @@ def test_two_process_ddp_equals_one_process(world, tmp_path):
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "rank 1: skipped 0 anchors already done, 5 of 11 to do" in res.stderr
-    assert "rank 0: skipped 0 anchors already done, 6 of 11 to do" in res.stderr
+    assert "rank 1: skipped 0 anchors already done, 5 to do on this rank" in res.stderr
+    assert "rank 0: skipped 0 anchors already done, 6 to do on this rank" in res.stderr
     ranks = {p.name.split("-")[0] for p in (out / "parts").glob("rank*.jsonl")}
     assert ranks == {"rank0", "rank1"}
     positions = [r["anchor_position"] for r in _part_records(out)]
@@ -268,7 +268,8 @@ def test_other_config_in_out_is_refused(world, capsys, no_model_load):
     parts = sorted(p.name for p in (world.ref / "parts").iterdir())
     assert _run(world.cfg, world.ref, "--data.seed", "7") == 2
     err = capsys.readouterr().err
-    assert "holds gt results of a different config" in err and "--overwrite" in err
+    assert "holds a gt run with other inputs or settings (config data.seed changed)" in err
+    assert "--overwrite" in err
     assert _bytes(world.ref) == before
     assert sorted(p.name for p in (world.ref / "parts").iterdir()) == parts
 
@@ -291,11 +292,11 @@ def test_progress_metrics_are_logged(world, tmp_path):
     assert len(metrics.read_text().splitlines()) == 1 + 3  # one row per anchor batch
 
 
-def test_limited_run_keeps_its_parts_and_a_rerun_finishes(world, tmp_path, caplog):
+def test_limited_run_keeps_its_parts_and_a_rerun_finishes(world, tmp_path, capsys):
     out = tmp_path / "limited"
-    with caplog.at_level("INFO", logger="leverlm.gt"):
-        assert _run(world.cfg, out, "--trainer.limit_predict_batches", "3") == 0
-    assert "8 of 11 anchors not done yet" in caplog.text
+    assert _run(world.cfg, out, "--trainer.limit_predict_batches", "3") == 3
+    err = capsys.readouterr().err
+    assert "error: 8 of 11 anchors of" in err and "rerun the same command" in err
     assert len(_part_records(out)) == 3 and not (out / "manifest.json").exists()
     assert _run(world.cfg, out) == 0
     assert _bytes(out) == _bytes(world.ref)
@@ -322,7 +323,7 @@ def _print_config(cfg: Path, capsys) -> dict:
     import yaml
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["predict", "--config", str(cfg), "--print_config"])
+        cli_main(["gt", "predict", "--config", str(cfg), "--print_config"])
     assert exit_info.value.code in (0, None)
     return yaml.safe_load(capsys.readouterr().out)
 
