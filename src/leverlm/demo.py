@@ -216,7 +216,7 @@ class Demo:
             "eval",
             _leverlm(
                 "eval",
-                "test",
+                "predict",
                 "--config",
                 "conf/eval/easyvqa_tiny.yaml",
                 "--out",

@@ -236,8 +236,8 @@ class RunDir:
         if overwrite:
             return "overwrite"
         raise RunError(
-            f"output folder {str(self.path)!r} holds a {old.job} run with other inputs or "
-            f"settings ({describe_change(old, header)} changed); choose another --out, or pass "
+            f"output folder {str(self.path)!r} holds a `leverlm {old.job}` run with other inputs "
+            f"or settings ({describe_change(old, header)} changed); choose another --out, or pass "
             "--overwrite to delete its results and start over"
         )
 
@@ -387,6 +387,10 @@ class Job:
     def count(self, output: Any) -> int:
         """Work items finished by one predict-step output (for progress and part sizes)."""
         return len(output)
+
+    def remaining(self, run: RunDir, header: RunHeader) -> int:
+        """How many work items of the run are not done yet."""
+        return len(set(_keys(header.items)) - set(_keys(self.done(run))))
 
     def merge(self, run: RunDir) -> Any:
         """Merge the part files of a complete run into the final results (rank 0)."""
@@ -649,10 +653,10 @@ def _job_cli_class(job: Job) -> type:
                 trainer.strategy.barrier(f"{job.name}-merge")
                 if not trainer.is_global_zero:
                     return 0
-                missing = set(_keys(self.header.items)) - set(_keys(job.done(self.run_dir)))
+                missing = job.remaining(self.run_dir, self.header)
                 if missing:
                     raise Unfinished(
-                        f"{len(missing)} of {len(self.header.items)} {job.unit}s of "
+                        f"{missing} {job.unit}s of "
                         f"{self.run_dir.path} are not done yet (stopped early); rerun the same "
                         "command to finish them"
                     )
