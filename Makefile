@@ -77,7 +77,7 @@ eval: install ## in-context evaluation of Lever-LM vs the baselines, prints the 
 ifeq ($(CONFIG),)
 	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --eval-args "$(ARGS)"
 else
-	$(VENV)/bin/leverlm eval test --config $(CONFIG) $(ARGS)
+	$(VENV)/bin/leverlm eval predict --config $(CONFIG) $(ARGS)
 endif
 
 report: install ## tables and plot from eval results: make report RESULTS=dir [OUT=dir]
