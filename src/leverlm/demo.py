@@ -186,9 +186,6 @@ class Demo:
         )
 
     def step_train(self) -> None:
-        if self.paths.checkpoint.exists():
-            print(f"\n[demo:train] {self.paths.checkpoint} exists, skipping (delete it to retrain)")
-            return
         self.run(
             "train",
             _leverlm(
@@ -200,12 +197,8 @@ class Demo:
                 self.paths.gt,
                 "--data.features",
                 self.paths.features(self.paths.train_collection),
-                "--trainer.default_root_dir",
+                "--out",
                 self.paths.train,
-                "--trainer.logger.init_args.save_dir",
-                self.paths.train,
-                "--checkpoint.dirpath",
-                self.paths.train / "checkpoints",
                 *self.extra.get("train", []),
             ),
         )

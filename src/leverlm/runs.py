@@ -124,6 +124,10 @@ class RunHeader:
     manifest: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # JSON values only (paths as strings), so a header read back equals the one written.
+        self.config = json.loads(json.dumps(self.config, default=str))
+
     @property
     def sha256(self) -> str:
         return sha256_json({"job": self.job, "config": self.config, "inputs": self.inputs})
@@ -522,6 +526,17 @@ def default_logger(out: str | os.PathLike, project: str, config: dict[str, Any] 
     return logger
 
 
+def set_threads(cpu_threads: int | None) -> None:
+    """torch intra-op CPU threads: ``cpu_threads``, else ``$LEVERLM_THREADS``, else torch's."""
+    if cpu_threads is not None and cpu_threads < 1:
+        raise LeverError(f"--cpu_threads={cpu_threads} must be >= 1")
+    threads = cpu_threads or int(os.environ.get("LEVERLM_THREADS", 0) or 0)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def is_launcher_rank() -> bool:
     """True in the process that owns the run (global rank 0 as set by DDP launchers)."""
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
@@ -611,13 +626,7 @@ def _job_cli_class(job: Job) -> type:
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config
-            threads = cfg["cpu_threads"] or int(os.environ.get("LEVERLM_THREADS", 0) or 0)
-            if cfg["cpu_threads"] is not None and cfg["cpu_threads"] < 1:
-                raise LeverError(f"--cpu_threads={cfg['cpu_threads']} must be >= 1")
-            if threads:
-                import torch
-
-                torch.set_num_threads(threads)
+            set_threads(cfg["cpu_threads"])
             if not cfg["out"]:
                 raise LeverError(f"no output folder: pass --out DIR to `leverlm {job.name}`")
             self.run_dir = RunDir(cfg["out"], job.results)

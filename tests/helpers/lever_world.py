@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 
 from leverlm.utils import atomic_write_json
@@ -154,3 +155,15 @@ def make_world(
     coll = str(write_vqa_collection(root / "support", num_icds)) if with_collection else ""
     gt = write_gt(root / "gt", sequences, num_icds, order=order, supporting_set=coll)
     return World(gt, store, image, text, sequences, num_icds, Path(coll) if coll else None)
+
+
+class SlowEpochs(L.Callback):
+    """Sleeps after each training epoch (time to kill a run between its checkpoints)."""
+
+    def __init__(self, seconds: float = 1.5) -> None:
+        self.seconds = seconds
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        import time
+
+        time.sleep(self.seconds)
