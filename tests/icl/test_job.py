@@ -323,9 +323,9 @@ def test_two_process_ddp_equals_one_process(world, tmp_path):
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    # 3 batches (4 + 4 + 2 queries) x 22 (method, shots) = 66 work items dealt round-robin
-    assert "rank 0: skipped 0 predictions already done, 110 to do on this rank" in res.stderr
-    assert "rank 1: skipped 0 predictions already done, 110 to do on this rank" in res.stderr
+    # 3 query batches (4 + 4 + 2 queries) x 22 (method, shots), whole batches dealt round-robin
+    assert "rank 0: skipped 0 predictions already done, 132 to do on this rank" in res.stderr
+    assert "rank 1: skipped 0 predictions already done, 88 to do on this rank" in res.stderr
     ranks = {p.name.split("-")[0] for p in (out / "parts").glob("rank*.jsonl")}
     assert ranks == {"rank0", "rank1"}
     assert _bytes(out) == _bytes(world.ref)
@@ -489,7 +489,9 @@ def test_dataloader_workers_yield_each_item_once(world):
     dm.skip({(k, "random", 2) for k in dm.query_keys[:2]})  # half of batch 0
     assert [it.rows for it in dm.items if it.method == "random" and it.shots == 2][0] == (2, 3)
     dm.rank, dm.world_size = 1, 2
-    assert [it.batch for it in dm.rank_items] == [it.batch for it in dm.items[1::2]]
+    assert [it.batch for it in dm.rank_items] == [1, 1, 1]  # whole batches, round-robin
+    dm.rank = 0
+    assert [it.batch for it in dm.rank_items] == [0, 0, 0, 2, 2, 2]
 
 
 # ------------------------------------------------------------------------------ configs

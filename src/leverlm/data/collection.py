@@ -101,25 +101,33 @@ def encode_fields(fields: dict[str, Any]) -> bytes:
     return json.dumps(fields, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes into an RGB PIL image (fully loaded)."""
+def decode_image(data: bytes, what: str = "image") -> Image.Image:
+    """Decode encoded image bytes into an RGB PIL image (fully loaded); a damaged or
+    truncated image raises :class:`CollectionError` naming ``what``."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as err:
+        raise CollectionError(f"{what}: the image cannot be decoded ({err})") from None
 
 
 def make_sample(
-    key: str, position: int, image: bytes, json_bytes: bytes, decode: bool = True
+    key: str, position: int, image: bytes, json_bytes: bytes, decode: bool = True, where: str = ""
 ) -> dict[str, Any]:
-    """The sample dict shared by random access and streaming.
+    """The sample dict shared by random access and streaming (``where``: its shard, for errors).
 
     ``decode=False`` keeps the encoded image under ``image_bytes`` instead of ``image``.
     """
-    fields = json.loads(json_bytes)
+    what = f"{where + ': ' if where else ''}sample {key!r}"
+    try:
+        fields = json.loads(json_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CollectionError(f"{what}: its json fields cannot be read ({err})") from None
     sample: dict[str, Any] = {"__key__": key, "position": position}
     if decode:
-        sample["image"] = decode_image(image)
+        sample["image"] = decode_image(image, what)
     else:
         sample["image_bytes"] = image
     sample.update(fields)
@@ -782,7 +790,7 @@ class Collection:
 
     def image(self, pos: int) -> Image.Image:
         """The decoded RGB image of a sample."""
-        return decode_image(self.image_bytes(pos))
+        return decode_image(self.image_bytes(pos), f"{self.path}: sample {self.keys[pos]!r}")
 
     def sample(self, pos: int, decode: bool = True) -> dict[str, Any]:
         """The full sample dict (``decode=False``: ``image_bytes`` instead of ``image``)."""
@@ -790,7 +798,8 @@ class Collection:
         shard = int(row["shard"])
         image = self._pread(shard, int(row["image_offset"]), int(row["image_size"]))
         js = self._pread(shard, int(row["json_offset"]), int(row["json_size"]))
-        return make_sample(self.keys[pos], int(pos), image, js, decode=decode)
+        where = str(self.path / self.manifest["shards"][shard]["file"])
+        return make_sample(self.keys[pos], int(pos), image, js, decode, where)
 
     def __getitem__(self, pos: int) -> dict[str, Any]:
         return self.sample(pos)

@@ -26,6 +26,7 @@ uninterrupted 1-process run. ``leverlm eval merge --out DIR`` merges and reports
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import logging
 import sys
@@ -392,11 +393,12 @@ class EvalItems(torch.utils.data.IterableDataset):
     """One rank's work items with their query and ICD samples decoded.
 
     Each item: ``{"method", "shots", "batch", "queries": [sample, ...], "icd_positions":
-    [[pos, ...], ...], "icds": {pos: sample}}``. DataLoader workers take every
-    ``num_workers``-th item, so each item is yielded exactly once.
+    [[pos, ...], ...], "icds": {pos: sample}}``. DataLoader workers take whole query batches
+    (every ``num_workers``-th), stream their queries once (:func:`stream_positions`) and
+    yield the batch's items; ICDs are fetched by position.
 
     Args:
-        positions: collection position of each query row.
+        positions: collection position of each query row (ascending).
         table: ``{(method, shots): (Q, shots) array}`` of supporting-set positions.
     """
 
@@ -417,22 +419,29 @@ class EvalItems(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from leverlm.data.collection import Collection
+        from leverlm.data.pipeline import stream_positions
 
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        queries, support = Collection(self.queries), Collection(self.supporting_set)
-        for item in self.items[worker::num_workers]:
-            rows = list(item.rows)
-            icds = self.table[(item.method, item.shots)][rows].tolist()
-            needed = sorted({p for seq in icds for p in seq})
-            yield {
-                "batch": item.batch,
-                "method": item.method,
-                "shots": item.shots,
-                "queries": [queries[self.positions[r]] for r in rows],
-                "icd_positions": icds,
-                "icds": {p: support[p] for p in needed},
-            }
+        batches = sorted({it.batch for it in self.items})[worker::num_workers]
+        by_batch = {b: [it for it in self.items if it.batch == b] for b in batches}
+        rows = {b: sorted({r for it in its for r in it.rows}) for b, its in by_batch.items()}
+        flat = [r for b in batches for r in rows[b]]  # ascending: batches are row ranges
+        qcoll, support = Collection(self.queries), Collection(self.supporting_set)
+        stream = zip(flat, stream_positions(qcoll, [self.positions[r] for r in flat]), strict=True)
+        for b in batches:
+            samples = dict(itertools.islice(stream, len(rows[b])))
+            for item in by_batch[b]:
+                icds = self.table[(item.method, item.shots)][list(item.rows)].tolist()
+                needed = sorted({p for seq in icds for p in seq})
+                yield {
+                    "batch": item.batch,
+                    "method": item.method,
+                    "shots": item.shots,
+                    "queries": [samples[r] for r in item.rows],
+                    "icd_positions": icds,
+                    "icds": {p: support[p] for p in needed},
+                }
 
 
 class EvalDataModule(pl.LightningDataModule):
@@ -609,8 +618,8 @@ class EvalDataModule(pl.LightningDataModule):
 
     @property
     def rank_items(self) -> list[WorkItem]:
-        """This rank's share of :attr:`items` (round-robin, so shares differ by at most one)."""
-        return self.items[self.rank :: self.world_size]
+        """This rank's share of :attr:`items`: whole query batches, dealt round-robin."""
+        return [it for it in self.items if it.batch % self.world_size == self.rank]
 
     @property
     def rank_count(self) -> int:
