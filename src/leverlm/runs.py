@@ -98,11 +98,17 @@ def folder_fingerprint(path: str | os.PathLike, skip_suffixes: tuple[str, ...] =
 
 def input_fingerprint(path: str | os.PathLike) -> str:
     """The identity of an input by content: a file by its bytes, a folder by its files (a
-    collection's shards by the checksums its manifest lists)."""
+    collection's shards by the checksums its manifest lists, after checking them)."""
     p = Path(path)
     if p.is_file():
         return file_fingerprint(p)
     is_collection = (p / "manifest.json").is_file() and any(p.glob("*.tar"))
+    if is_collection:
+        from leverlm.data.collection import Collection
+
+        # Results are only as good as the shards: check them against the manifest (once per
+        # file while it is unchanged).
+        Collection(p).verify()
     return folder_fingerprint(p, (".tar",) if is_collection else ())
 
 

@@ -489,3 +489,25 @@ def test_cider_gain_scorer_in_the_job(world, stand_ins, tmp_path):
     assert all(len(r.sequences) == 2 for r in records)
     # CIDEr x100 differences, bounded by the CIDEr-D range.
     assert all(-1000.0 <= s <= 1000.0 for r in records for s in r.scores)
+
+
+@pytest.mark.parametrize("damage", ["shard byte", "manifest sha256"])
+def test_a_collection_changed_after_prep_is_refused(world, tmp_path, capsys, no_model_load, damage):
+    import shutil
+
+    coll = tmp_path / "coll"
+    shutil.copytree(world.coll, coll)
+    if damage == "shard byte":  # e.g. a label edited in place: same sizes, other content
+        shard = sorted(coll.glob("*.tar"))[0]
+        data = bytearray(shard.read_bytes())
+        data[700] ^= 0x01
+        shard.write_bytes(bytes(data))
+    else:
+        manifest = json.loads((coll / "manifest.json").read_text())
+        manifest["shards"][0]["sha256"] = "0" * 64
+        (coll / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "out"
+    assert _run(world.cfg, out, "--data.collection", str(coll)) == 2
+    err = capsys.readouterr().err
+    assert "shard-000000.tar: its content does not match the collection manifest" in err
+    assert not out.exists()

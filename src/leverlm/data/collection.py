@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from leverlm.errors import LeverError
-from leverlm.utils import atomic_replace_dir, fsync_dir, sha256_file
+from leverlm.utils import atomic_replace_dir, atomic_write_json, fsync_dir, sha256_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -812,13 +812,57 @@ class Collection:
         """Shard files in manifest order."""
         return [self.path / s["file"] for s in self.manifest["shards"]]
 
-    def verify(self) -> None:
-        """Check every file's sha256 against the manifest (slow: reads everything)."""
+    def verify(self, cache: bool = True) -> None:
+        """Check every file's sha256 against the manifest, naming the first that differs.
+
+        With ``cache``, a file whose checksum matched once is not read again while its path,
+        size and mtime stay the same (a stamp under ``$XDG_CACHE_HOME/leverlm``): a job pays
+        for reading a collection once, not on every run.
+        """
         m = self.manifest
-        entries = [*m["shards"], m["index"], m["keys"]]
-        for entry in entries:
-            digest = sha256_file(self.path / entry["file"])
+        stamps = _VerifiedStamps() if cache else None
+        for entry in [*m["shards"], m["index"], m["keys"]]:
+            path = self.path / entry["file"]
+            if stamps is not None and stamps.known(path, entry["sha256"]):
+                continue
+            digest = sha256_file(path)
             if digest != entry["sha256"]:
                 raise CollectionError(
-                    f"{self.path / entry['file']}: sha256 {digest} != {entry['sha256']} in manifest"
+                    f"{path}: its content does not match the collection manifest (sha256 "
+                    f"{digest[:12]}... != {str(entry['sha256'])[:12]}...): the shard was changed or "
+                    "damaged after `leverlm prep`; prepare the collection again"
                 )
+            if stamps is not None:
+                stamps.add(path, entry["sha256"])
+        if stamps is not None:
+            stamps.save()
+
+
+class _VerifiedStamps:
+    """Files whose sha256 matched their manifest: ``realpath -> [size, mtime_ns, sha256]``."""
+
+    def __init__(self) -> None:
+        root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        self.path = Path(root) / "leverlm" / "verified-files.json"
+        try:
+            self.stamps: dict[str, list] = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.stamps = {}
+        self.dirty = False
+
+    @staticmethod
+    def _stat(path: Path) -> list:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns]
+
+    def known(self, path: Path, sha256: str) -> bool:
+        return self.stamps.get(os.path.realpath(path)) == [*self._stat(path), sha256]
+
+    def add(self, path: Path, sha256: str) -> None:
+        self.stamps[os.path.realpath(path)] = [*self._stat(path), sha256]
+        self.dirty = True
+
+    def save(self) -> None:
+        if self.dirty:
+            with contextlib.suppress(OSError):  # a read-only home: verify again next time
+                atomic_write_json(self.path, self.stamps)
