@@ -511,3 +511,32 @@ def test_a_collection_changed_after_prep_is_refused(world, tmp_path, capsys, no_
     err = capsys.readouterr().err
     assert "shard-000000.tar: its content does not match the collection manifest" in err
     assert not out.exists()
+
+
+def test_one_run_per_folder_and_a_dead_owners_lock_is_taken_over(world, tmp_path, capsys, caplog):
+    import socket
+
+    out = tmp_path / "locked"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"host": socket.gethostname(), "pid": sleeper.pid, "since": time.time()}
+        (out / "run.lock").write_text(json.dumps(lock))
+        assert _run(world.cfg, out) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by pid {sleeper.pid}" in err and "run.lock" in err
+        assert sorted(p.name for p in out.iterdir()) == ["run.lock"]  # nothing else written
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with caplog.at_level("WARNING", logger="leverlm.runs"):
+        assert _run(world.cfg, out, "--data.num_anchors", "2") == 0
+    assert f"its owner (pid {sleeper.pid}) is gone" in caplog.text
+    assert not (out / "run.lock").exists()  # released at the end
+
+
+def test_an_unwritable_out_is_refused_before_loading(world, tmp_path, capsys, no_model_load):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert _run(world.cfg, blocker / "out") == 2
+    assert "cannot write to" in capsys.readouterr().err
