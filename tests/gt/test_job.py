@@ -38,13 +38,13 @@ def _image(i: int) -> bytes:
     return buf.getvalue()
 
 
-def _collection(path: Path) -> Path:
+def _collection(path: Path, seed: int = 0) -> Path:
     from leverlm.data.collection import SampleRecord, write_collection
 
     colors = ["red", "green", "blue", "teal", "gray"]
     records = []
     for i in range(NUM_SAMPLES):
-        answer = colors[i % 5] if i % 3 else ("yes" if i % 2 else "no")
+        answer = colors[(i + seed) % 5] if i % 3 else ("yes" if i % 2 else "no")
         question = "What color is the shape?" if i % 3 else "Is there a circle?"
         fields = {
             "question_id": i,
@@ -540,3 +540,31 @@ def test_an_unwritable_out_is_refused_before_loading(world, tmp_path, capsys, no
     blocker.write_text("")
     assert _run(world.cfg, blocker / "out") == 2
     assert "cannot write to" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changed", ["collection", "lvlm"])
+def test_a_rerun_whose_inputs_changed_is_refused(world, tmp_path, capsys, changed):
+    """Same paths, other content: never a gt dataset mixing two collections or two models."""
+    import shutil
+
+    from leverlm.lvlm.tiny import build_tiny
+
+    coll, lvlm = tmp_path / "coll", tmp_path / "lvlm"
+    shutil.copytree(world.coll, coll)
+    shutil.copytree(world.lvlm, lvlm)
+    out = tmp_path / "out"
+    args = ["--data.collection", str(coll), "--model.path", str(lvlm)]
+    assert _run(world.cfg, out, *args, "--trainer.limit_predict_batches", "2") == 3
+    parts = sorted(p.name for p in (out / "parts").iterdir())
+    if changed == "collection":
+        shutil.rmtree(coll)
+        _collection(coll, seed=1)
+    else:
+        shutil.rmtree(lvlm)
+        build_tiny("idefics", lvlm, seed=1)
+    capsys.readouterr()
+    assert _run(world.cfg, out, *args) == 2
+    err = capsys.readouterr().err
+    assert f"input '{changed}' (its content changed)" in err and "--overwrite" in err
+    assert sorted(p.name for p in (out / "parts").iterdir()) == parts
+    assert _run(world.cfg, out, *args, "--overwrite", "true") == 0
