@@ -80,8 +80,8 @@ else
 	$(VENV)/bin/leverlm eval predict --config $(CONFIG) $(ARGS)
 endif
 
-report: install ## tables and plot from eval results: make report RESULTS=dir [OUT=dir]
-	$(VENV)/bin/leverlm report $(or $(RESULTS),$(DEMO_DIR)/eval) --out $(or $(OUT),$(DEMO_DIR))
+report: install ## tables and plot of eval results, written beside them: make report RESULTS=dir [OUT=dir]
+	$(VENV)/bin/leverlm report $(or $(RESULTS),$(DEMO_DIR)/eval) $(if $(OUT),--out $(OUT))
 
 bench: install ## benchmarks: fast paths vs reference paths, ratios in one run
 	$(VENV)/bin/leverlm bench $(ARGS)
