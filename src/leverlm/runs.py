@@ -572,7 +572,7 @@ def run_job(job: Job, module_cls: type, datamodule_cls: type, argv: list[str]) -
         module_cls,
         datamodule_cls,
         args=argv[1:],
-        parser_kwargs={"parser_mode": "omegaconf", "prog": f"leverlm {job.name}"},
+        parser_kwargs={"parser_mode": "omegaconf", "prog": f"leverlm {job.name} predict"},
         save_config_callback=None,
         seed_everything_default=0,
         auto_configure_optimizers=False,
