@@ -61,21 +61,21 @@ demo-models: install ## retrain the demo's CLIP and LVLM (writes src/leverlm/ass
 CONFIG ?=
 gt-data: install ## ground-truth ICD sequences (LVLM beam search) [CONFIG=, ARGS=]
 ifeq ($(CONFIG),)
-	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --steps prep,models,features,gt --gt-args "$(ARGS)"
+	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --steps prep,models,features,gt --gt_args "$(ARGS)"
 else
 	$(VENV)/bin/leverlm gt predict --config $(CONFIG) $(ARGS)
 endif
 
 train: install ## train Lever-LM on the gt data [CONFIG=, ARGS=]
 ifeq ($(CONFIG),)
-	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --steps prep,models,features,gt,train --train-args "$(ARGS)"
+	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --steps prep,models,features,gt,train --train_args "$(ARGS)"
 else
 	$(VENV)/bin/leverlm train fit --config $(CONFIG) $(ARGS)
 endif
 
 eval: install ## in-context evaluation of Lever-LM vs the baselines, prints the table [CONFIG=, ARGS=]
 ifeq ($(CONFIG),)
-	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --eval-args "$(ARGS)"
+	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --eval_args "$(ARGS)"
 else
 	$(VENV)/bin/leverlm eval predict --config $(CONFIG) $(ARGS)
 endif

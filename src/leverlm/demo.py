@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="delete --out first")
     for step in ("gt", "train", "eval"):
         p.add_argument(
-            f"--{step}-args",
+            f"--{step}_args",
             default="",
             help=f"extra overrides for the {step} command, e.g. '--trainer.max_epochs 2'",
         )
