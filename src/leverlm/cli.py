@@ -27,6 +27,9 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from leverlm.utils import quiet_third_party
+
+    quiet_third_party()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
