@@ -32,6 +32,10 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from leverlm.errors import LeverError
+    from leverlm.utils import quiet_third_party, setup_logging
+
+    quiet_third_party()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -45,9 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    from leverlm.errors import LeverError
-    from leverlm.utils import setup_logging
-
     setup_logging()
     module_name, func_name, _ = COMMANDS[name]
     try:

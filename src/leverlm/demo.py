@@ -23,6 +23,19 @@ from pathlib import Path
 from leverlm.errors import LeverError
 
 STEPS = ("prep", "models", "features", "gt", "train", "eval", "report")
+#: the demo's committed CLIP and LVLM (``make demo-models`` retrains them).
+ASSET_DIR = Path(__file__).resolve().parent / "assets" / "demo"
+CLIP_FILE = "leverlm-tiny-clip-easyvqa.safetensors"
+
+
+def clip_checkpoint(out: str | os.PathLike = ASSET_DIR) -> Path:
+    """The demo CLIP's checkpoint under a demo-models folder (default: the committed one)."""
+    return Path(out) / "clip" / CLIP_FILE
+
+
+def lvlm_dir(out: str | os.PathLike = ASSET_DIR) -> Path:
+    """The demo LVLM's ``save_pretrained`` folder under a demo-models folder."""
+    return Path(out) / "lvlm"
 
 
 class DemoError(LeverError):
@@ -60,14 +73,10 @@ class DemoPaths:
 
     @property
     def lvlm(self) -> Path:
-        from leverlm.demo_models import lvlm_dir
-
         return lvlm_dir()
 
     @property
     def clip(self) -> Path:
-        from leverlm.demo_models import clip_checkpoint
-
         return clip_checkpoint()
 
     def features(self, collection: Path) -> Path:

@@ -412,7 +412,7 @@ def test_demo_config_runs_with_the_default_logger(world, tmp_path):
     collection), wandb disabled."""
     import numpy as np
 
-    from leverlm.demo_models import lvlm_dir
+    from leverlm.demo import lvlm_dir
 
     out = tmp_path / "demo"
     assert os.environ.get("WANDB_MODE") == "disabled"

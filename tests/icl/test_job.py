@@ -524,7 +524,7 @@ def test_shipped_configs_parse_with_the_papers_settings(name, capsys):
 
 def test_demo_config_runs_on_tiny_data(world, tmp_path):
     """The demo config (committed demo LVLM, vqa_nonce) on the tiny world runs end to end."""
-    from leverlm.demo_models import lvlm_dir
+    from leverlm.demo import lvlm_dir
     from leverlm.tasks import NonceAnswers
 
     root = ROOT

@@ -145,6 +145,14 @@ def _fsync_close(fh: Any) -> None:
     fh.close()
 
 
+def check_shard_limits(shard_samples: int, shard_bytes: int) -> None:
+    """The most samples (>= 1) and bytes (>= 1024) per shard, or CollectionError."""
+    if shard_samples < 1:
+        raise CollectionError(f"shard_samples must be >= 1, got {shard_samples}")
+    if shard_bytes < 1024:
+        raise CollectionError(f"shard_bytes must be >= 1024, got {shard_bytes}")
+
+
 def folder_state(path: str | os.PathLike) -> str:
     """What a would-be output folder holds: ``missing``, ``empty``, ``collection`` or ``other``."""
     path = Path(path)
@@ -328,10 +336,7 @@ class CollectionWriter:
     ) -> None:
         if task not in TASK_FIELDS:
             raise CollectionError(f"unknown task {task!r} (known: {sorted(TASK_FIELDS)})")
-        if shard_samples < 1:
-            raise CollectionError(f"shard_samples must be >= 1, got {shard_samples}")
-        if shard_bytes < 1024:
-            raise CollectionError(f"shard_bytes must be >= 1024, got {shard_bytes}")
+        check_shard_limits(shard_samples, shard_bytes)
         if not name or "/" in name:
             raise CollectionError(f"invalid collection name {name!r}")
         self.out_dir = Path(out_dir)
