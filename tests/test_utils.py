@@ -49,14 +49,14 @@ def test_a_training_run_prints_no_third_party_noise(tmp_path) -> None:
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
         "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu",
         "--trainer.devices", "1", "--trainer.precision", "32",
-        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run),
-        "--trainer.logger.init_args.save_dir", str(run),
+        "--trainer.enable_progress_bar", "false", "--out", str(run),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "`Trainer.fit` stopped" in proc.stderr
-    config = yaml.safe_load(next(run.rglob("config.yaml")).read_text())
-    assert "WandbLogger" in config["trainer"]["logger"]["class_path"]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["trainer"]["logger"] is None  # the default: wandb under the run's logs/
+    assert (run / "logs").is_dir()
     output = proc.stdout + proc.stderr
     for what, pattern in NOISE.items():
         assert not pattern.search(output), f"{what} printed: {pattern.search(output)}"
