@@ -353,8 +353,9 @@ def test_dedup_matches_the_every_row_reference_path(
 
 
 def test_dedup_two_process_ddp_equals_one_process(colls, dup_reference, tmp_path) -> None:
+    # 2 ranks x 2 DataLoader workers, each streaming its own block of image batches.
     out = tmp_path / "ddp"
-    assert _run(colls["dups"], out, "--data.batch_size", "2", *DDP) == 0
+    assert _run(colls["dups"], out, "--data.batch_size", "2", "--data.num_workers", "2", *DDP) == 0
     assert _same_arrays(out, dup_reference)
 
 
@@ -549,6 +550,32 @@ def test_other_inputs_need_overwrite_and_keep_the_old_store_until_done(
     assert encoder_calls == {"images": N, "texts": N} and FeatureStore(out).normalized
 
 
+def test_a_merge_killed_while_replacing_a_store_never_leaves_a_mix(
+    colls, reference, tmp_path, monkeypatch
+) -> None:
+    import leverlm.encoders.job as job
+
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    write_json = job.atomic_write_json
+
+    def crash(path, obj):
+        raise RuntimeError("simulated crash")
+
+    # Killed after the new arrays went into place, before the new manifest was written: the
+    # folder is not a store (rather than old rows under a new manifest, or the reverse).
+    monkeypatch.setattr(job, "atomic_write_json", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(colls["vqa"], out, "--model.normalize", "true", "--overwrite", "true")
+    with pytest.raises(FeatureStoreError, match="not a feature store"):
+        FeatureStore(out)
+    monkeypatch.setattr(job, "atomic_write_json", write_json)
+    assert _run(colls["vqa"], out, "--model.normalize", "true") == 0  # the merge is redone
+    normalized = tmp_path / "normalized"
+    assert _run(colls["vqa"], normalized, "--model.normalize", "true") == 0
+    assert FeatureStore(out).normalized and _same_arrays(out, normalized)
+
+
 def test_bad_checkpoints_fail_before_anything_is_written(colls, tmp_path, capsys) -> None:
     out = tmp_path / "store"
     missing = tmp_path / "missing-weights.pt"
@@ -585,6 +612,24 @@ def test_a_bad_text_field_in_a_later_sample_fails_before_anything_is_written(
     assert _run(coll, out) == 2
     assert re.search(r"'q3-0004' \(position 4\).*'question'", capsys.readouterr().err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_truncated_image_is_named_by_key_and_shard(tmp_path, capsys, workers) -> None:
+    def records():
+        for i, rec in enumerate(_vqa_records(6, 3)):
+            if i == 4:
+                rec = SampleRecord(rec.key, rec.image[: len(rec.image) // 2], "png", rec.fields)
+            yield rec
+
+    coll = write_collection(tmp_path / "bad", records(), name="bad", task="vqa", split="train")
+    out = tmp_path / "store"
+    assert _run(coll, out, "--data.num_workers", workers) == 2
+    err = capsys.readouterr().err
+    assert "sample 'q3-0004': the image cannot be decoded" in err and "shard-000000.tar" in err
+    if workers == "0":  # (a DataLoader worker's error comes wrapped in its traceback)
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
+    assert not (out / MANIFEST).exists()
 
 
 def test_refuses_to_write_into_a_folder_that_is_not_a_store(colls, tmp_path, capsys) -> None:
