@@ -13,7 +13,7 @@ import sys
 # subcommand -> (module, function taking argv, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "prep": ("leverlm.data.prep.cli", "main", "write a collection (coco, vqav2, easyvqa)"),
-    "features": ("leverlm.encoders", "main", "CLIP features of a collection: predict | merge"),
+    "features": ("leverlm.encoders.job", "main", "CLIP features of a collection: predict | merge"),
     "gt": ("leverlm.gt.job", "main", "ground-truth ICD sequences: predict | merge"),
     "train": ("leverlm.lever.module", "main", "train Lever-LM: fit | validate"),
     "select": ("leverlm.lever.generate", "main", "configure ICDs for queries with Lever-LM"),
