@@ -55,8 +55,19 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(module_name)
         return int(getattr(module, func_name)(rest) or 0)
     except LeverError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {message(err)}", file=sys.stderr)
         return err.exit_code
+
+
+def message(err: Exception) -> str:
+    """The error's own message; for one re-raised from a DataLoader worker (torch wraps the
+    worker's traceback into the message), its last line."""
+    text = str(err)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        head, sep, tail = last.partition(": ")
+        return tail if sep and head.endswith(type(err).__name__) else last
+    return text
 
 
 if __name__ == "__main__":

@@ -385,7 +385,7 @@ class FeatureJob(Job):
     """Batches of units -> part files; merged into the feature store (``image.npy``,
     ``text.npy``, ``manifest.json``)."""
 
-    name, unit, part_ext = "features", "batch", "npz"
+    name, unit, units, part_ext = "features", "batch", "batches", "npz"
     # The store's files stay, valid, until the merge of a new run replaces them.
     results = ()
     overwrite = False
