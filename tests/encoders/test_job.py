@@ -285,7 +285,7 @@ def test_normalize_gives_unit_rows(colls, reference, tmp_path) -> None:
 
 
 def test_a_pretrained_checkpoint_is_fingerprinted_by_content(colls, tmp_path) -> None:
-    from leverlm.demo_models import clip_checkpoint
+    from leverlm.demo import clip_checkpoint
 
     ckpt = tmp_path / "clip.safetensors"
     shutil.copy(clip_checkpoint(), ckpt)
