@@ -8,27 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from helpers.features import NO_COLLECTION_SHA256, write_store
 from leverlm.utils import atomic_write_json
-
-
-def write_store(path: Path, image: np.ndarray, text: np.ndarray) -> Path:
-    """A feature store folder in the ``leverlm-features`` layout (fp16 .npy + manifest)."""
-    path.mkdir(parents=True, exist_ok=True)
-    np.save(path / "image.npy", image.astype(np.float16))
-    np.save(path / "text.npy", text.astype(np.float16))
-    atomic_write_json(
-        path / "manifest.json",
-        {
-            "format": "leverlm-features",
-            "version": 1,
-            "num_rows": int(image.shape[0]),
-            "dim": int(image.shape[1]),
-            "complete": True,
-            "model_name": "test-random",
-            "normalize": False,
-        },
-    )
-    return path
 
 
 def write_gt(
@@ -70,7 +51,7 @@ def write_gt(
             "path": supporting_set,
             "name": "tiny",
             "num_samples": num_icds,
-            "manifest_sha256": "0" * 64,
+            "manifest_sha256": NO_COLLECTION_SHA256,
         },
         "lvlm": {"model_type": "none", "path": "", "dtype": "float32"},
         "config": {},

@@ -159,7 +159,7 @@ def test_each_method_gets_its_retrievers_icds(world):
 
 
 def test_manifest_and_report_values_recomputed_from_predictions(world):
-    from leverlm.icl.metrics import vqa_accuracy_reference
+    from leverlm.metrics import vqa_accuracy_reference
 
     manifest = json.loads((world.ref / "manifest.json").read_text())
     assert manifest["format"] == "leverlm-eval"
@@ -197,7 +197,7 @@ def test_report_of_a_model_with_varied_scores(world, tmp_path):
     )
     out = tmp_path / "echo"
     assert _run(cfg, out, "--trained_shots", "3", "--interpolation_max_shots", "2") == 0
-    from leverlm.icl.metrics import vqa_accuracy_reference
+    from leverlm.metrics import vqa_accuracy_reference
 
     preds = _predictions(out)
     report = json.loads((out / "report.json").read_text())

@@ -38,7 +38,6 @@ from leverlm.icl.retrievers import (
     RETRIEVERS,
     RetrieverError,
     ShuffledRetriever,
-    SIIRRetriever,
     available_retrievers,
     build_retriever,
 )
@@ -307,7 +306,7 @@ def test_settings_of_methods_not_run_are_ignored_with_a_warning(caplog) -> None:
 
 
 def test_accepted_args_follow_kwargs_to_the_base_class() -> None:
-    names, open_ = accepted_args(SIIRRetriever)
+    names, open_ = accepted_args(RETRIEVERS["siir"])
     assert {"support_image", "query_image", "most_similar", "device", "chunk_size"} <= names
     assert not open_
     names, _ = accepted_args(RETRIEVERS["lever_lm_shuffled"])

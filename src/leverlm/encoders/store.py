@@ -200,32 +200,58 @@ class FeatureStore:
             f"dim={self.dim}, collection={m.get('collection_name')!r})"
         )
 
-    def check_matches(self, collection: Any) -> None:
+    def check_matches(self, collection: Any, sha256: str | None = None) -> None:
         """Raise ``FeatureStoreError`` unless this store is complete and built for ``collection``.
 
-        ``collection`` is a collection folder or a ``Collection``; the comparison is by the
-        sha256 of its ``manifest.json`` (and its length when it has one).
+        ``collection`` is a collection folder or a ``Collection``; it is identified by the
+        sha256 of its ``manifest.json`` (``sha256``, when given, stands for that hash, e.g. as
+        a gt manifest records it, and ``collection`` only names it).
         """
         if not self.complete:
             raise FeatureStoreError(f"feature store {self.path} is incomplete; rerun it")
         manifest_path = collection_manifest_path(collection)
-        try:
-            sha = sha256_file(manifest_path)
-        except OSError as err:
-            raise FeatureStoreError(
-                f"cannot read collection manifest {manifest_path}: {err}"
-            ) from err
+        if sha256 is None:
+            try:
+                sha256 = sha256_file(manifest_path)
+            except OSError as err:
+                raise FeatureStoreError(
+                    f"cannot read collection manifest {manifest_path}: {err}"
+                ) from err
         want = self.manifest.get("collection_manifest_sha256")
-        if sha != want:
+        if sha256 != want:
             raise FeatureStoreError(
                 f"feature store {self.path} was built for collection "
                 f"{self.manifest.get('collection_name')!r} (manifest sha256 {str(want)[:12]}...), "
-                f"not for {manifest_path.parent} (sha256 {sha[:12]}...); rebuild it with "
+                f"not for {manifest_path.parent} (sha256 {sha256[:12]}...); rebuild it with "
                 f"'leverlm features --collection {manifest_path.parent} --overwrite'"
             )
-        sized = not isinstance(collection, str | os.PathLike) and hasattr(collection, "__len__")
-        if sized and len(collection) != len(self):
-            raise FeatureStoreError(
-                f"feature store {self.path} has {len(self)} rows but collection "
-                f"{manifest_path.parent} has {len(collection)} samples"
-            )
+
+
+def open_store(
+    store: Any, collection: Any = None, *, sha256: str | None = None, what: str = "features"
+) -> Any:
+    """The one way a feature store is opened for reading.
+
+    Args:
+        store: a store folder, or an already open store (anything with ``image`` / ``text``
+            arrays), which is returned as is.
+        collection: the collection the store must have been built for (folder or
+            ``Collection``), checked by its manifest's sha256; None: not checked.
+        sha256: that collection manifest's sha256, when it is known without the folder.
+        what: the parameter that named the store, for error messages.
+    """
+    if not isinstance(store, str | os.PathLike):
+        return store
+    path = Path(store)
+    if not path.is_dir():
+        problem = "is not a feature store folder" if path.exists() else "does not exist"
+        raise FeatureStoreError(
+            f"{what}: {path} {problem} (a folder written by 'leverlm features')"
+        )
+    try:
+        opened = FeatureStore(path)
+        if collection is not None or sha256 is not None:
+            opened.check_matches(collection if collection is not None else path, sha256)
+    except FeatureStoreError as err:
+        raise FeatureStoreError(f"{what}: {err}") from err
+    return opened

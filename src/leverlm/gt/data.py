@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from leverlm.errors import LeverError
-from leverlm.utils import atomic_open, atomic_write_json, sha256_json
+from leverlm.utils import atomic_open, atomic_write_json, read_jsonl, sha256_json
 
 FORMAT = "leverlm-gt"
 PARTS_FORMAT = "leverlm-gt-parts"
@@ -280,23 +280,15 @@ def read_parts(out: str | os.PathLike) -> dict[int, GtRecord]:
     """
     records: dict[int, GtRecord] = {}
     for path in part_files(out):
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise GtDataError(f"{where}: invalid JSON ({err})") from err
-                rec = GtRecord.from_json(obj, where)
-                prev = records.get(rec.anchor_position)
-                if prev is not None and prev.to_line() != rec.to_line():
-                    raise GtDataError(
-                        f"{where}: anchor {rec.anchor_position} has a different record in "
-                        "another part file (two runs wrote to the same folder?)"
-                    )
-                records[rec.anchor_position] = rec
+        for where, obj in read_jsonl(path, GtDataError):
+            rec = GtRecord.from_json(obj, where)
+            prev = records.get(rec.anchor_position)
+            if prev is not None and prev.to_line() != rec.to_line():
+                raise GtDataError(
+                    f"{where}: anchor {rec.anchor_position} has a different record in "
+                    "another part file (two runs wrote to the same folder?)"
+                )
+            records[rec.anchor_position] = rec
     return records
 
 
@@ -359,15 +351,7 @@ def read_gt(path: str | os.PathLike) -> tuple[dict[str, Any], list[GtRecord]]:
         raise GtDataError(f"{mpath}: field 'format' must be {FORMAT!r}")
     if manifest.get("version") != VERSION:
         raise GtDataError(f"{mpath}: unsupported version {manifest.get('version')!r}")
-    records = []
-    with open(rpath, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise GtDataError(f"{rpath}:{lineno}: invalid JSON ({err})") from err
-                records.append(GtRecord.from_json(obj, f"{rpath}:{lineno}"))
+    records = [GtRecord.from_json(obj, where) for where, obj in read_jsonl(rpath, GtDataError)]
     if len(records) != manifest.get("num_records"):
         raise GtDataError(
             f"{rpath}: {len(records)} records but manifest field num_records is "

@@ -70,7 +70,13 @@ from leverlm.gt.data import (
 )
 from leverlm.icl.retrievers import RETRIEVERS, Retriever, RetrieverError, available_retrievers
 from leverlm.report import Prediction, ReportError, read_predictions
-from leverlm.utils import atomic_open, atomic_write_json, setup_job_logging, sha256_file
+from leverlm.utils import (
+    atomic_open,
+    atomic_write_json,
+    read_jsonl,
+    setup_job_logging,
+    sha256_file,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -759,22 +765,16 @@ def done_units(out: str | os.PathLike) -> set[tuple[str, str, int]]:
     Reads only those three fields (a resumed full VQAv2 run holds millions of predictions;
     the merge validates everything).
     """
-    import json
-
     done: set[tuple[str, str, int]] = set()
     for path in part_files(out):
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    # Interned: the same key and method strings are shared by every unit.
-                    done.add(
-                        (sys.intern(obj["query_key"]), sys.intern(obj["method"]), int(obj["shots"]))
-                    )
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                    raise EvalError(f"{path}:{lineno}: not a prediction line ({err!r})") from None
+        for where, obj in read_jsonl(path, EvalError):
+            try:
+                # Interned: the same key and method strings are shared by every unit.
+                done.add(
+                    (sys.intern(obj["query_key"]), sys.intern(obj["method"]), int(obj["shots"]))
+                )
+            except (KeyError, TypeError, ValueError) as err:
+                raise EvalError(f"{where}: not a prediction line ({err!r})") from None
     return done
 
 

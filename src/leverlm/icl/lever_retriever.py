@@ -16,7 +16,6 @@ gt dataset folder.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,6 +28,7 @@ from leverlm.icl.retrievers import (
     _query_key,
     register_retriever,
 )
+from leverlm.utils import read_jsonl
 
 if TYPE_CHECKING:
     from leverlm.lever.generate import LeverLM
@@ -267,39 +267,31 @@ def read_sequences(
     if not path.is_file():
         raise RetrieverError(f"sequence file {str(path)!r} does not exist")
     out: dict[str, dict[int | None, list[int]]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RetrieverError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise RetrieverError(f"{where}: expected a JSON object")
-            key, seq = obj.get("query_key"), obj.get("icd_positions")
-            if not isinstance(key, str) or not key:
-                raise RetrieverError(f"{where}: field 'query_key' must be a non-empty string")
-            if not isinstance(seq, list) or not all(_is_int(p) for p in seq):
-                raise RetrieverError(f"{where}: field 'icd_positions' must be a list of ints")
-            if len(set(seq)) != len(seq):
-                raise RetrieverError(f"{where}: icd_positions {seq} has repeated positions")
-            if num_candidates is not None and not all(0 <= p < num_candidates for p in seq):
-                raise RetrieverError(
-                    f"{where}: icd_positions {seq} has positions outside the supporting set "
-                    f"0..{num_candidates - 1}"
-                )
-            shots = obj.get("shots")
-            if shots is not None and (not _is_int(shots) or shots != len(seq)):
-                raise RetrieverError(
-                    f"{where}: field 'shots' is {shots!r} but icd_positions has {len(seq)} items"
-                )
-            per_query = out.setdefault(key, {})
-            if shots in per_query:
-                what = f"shots={shots}" if shots is not None else "a sequence without 'shots'"
-                raise RetrieverError(f"{where}: query {key!r} already has {what}")
-            per_query[shots] = list(seq)
+    for where, obj in read_jsonl(path, RetrieverError):
+        if not isinstance(obj, dict):
+            raise RetrieverError(f"{where}: expected a JSON object")
+        key, seq = obj.get("query_key"), obj.get("icd_positions")
+        if not isinstance(key, str) or not key:
+            raise RetrieverError(f"{where}: field 'query_key' must be a non-empty string")
+        if not isinstance(seq, list) or not all(_is_int(p) for p in seq):
+            raise RetrieverError(f"{where}: field 'icd_positions' must be a list of ints")
+        if len(set(seq)) != len(seq):
+            raise RetrieverError(f"{where}: icd_positions {seq} has repeated positions")
+        if num_candidates is not None and not all(0 <= p < num_candidates for p in seq):
+            raise RetrieverError(
+                f"{where}: icd_positions {seq} has positions outside the supporting set "
+                f"0..{num_candidates - 1}"
+            )
+        shots = obj.get("shots")
+        if shots is not None and (not _is_int(shots) or shots != len(seq)):
+            raise RetrieverError(
+                f"{where}: field 'shots' is {shots!r} but icd_positions has {len(seq)} items"
+            )
+        per_query = out.setdefault(key, {})
+        if shots in per_query:
+            what = f"shots={shots}" if shots is not None else "a sequence without 'shots'"
+            raise RetrieverError(f"{where}: query {key!r} already has {what}")
+        per_query[shots] = list(seq)
     return out
 
 
