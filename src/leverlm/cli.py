@@ -11,7 +11,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "features": ("leverlm.encoders", "main", "CLIP image/text features of a collection"),
     "gt": ("leverlm.gt.job", "main", "ground-truth ICD sequences (LightningCLI predict)"),
     "train": ("leverlm.lever.module", "main", "train Lever-LM (LightningCLI fit)"),
-    "select": ("leverlm.lever.generate", "main", "configure ICDs for queries with Lever-LM"),
+    "select": ("leverlm.lever.select", "main", "configure ICDs for queries with Lever-LM"),
     "eval": ("leverlm.icl.job", "main", "in-context evaluation (LightningCLI test)"),
     "report": ("leverlm.report", "main", "tables and plots from eval results"),
     "bench": ("leverlm.bench", "main", "benchmarks: fast paths vs reference paths"),

@@ -104,7 +104,7 @@ def lever_checkpoint(path: Path, support_store: Path, **info: Any) -> Path:
     ckpt = {
         "leverlm_config": config.to_dict(),
         "leverlm_info": {
-            "feature_store": str(support_store),
+            "support_features": str(support_store),
             "supporting_set": None,
             "task": "vqa",
             "clip_trainable": False,

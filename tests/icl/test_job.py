@@ -126,8 +126,9 @@ def test_predictions_cover_every_query_method_and_shot_count(world):
 def test_each_method_gets_its_retrievers_icds(world):
     """ICDs in the results equal the retrievers run directly (independent reference paths)."""
     from leverlm.encoders import FeatureStore
-    from leverlm.icl.retrievers import RandomRetriever, cosine_topk_reference
-    from leverlm.lever.generate import LeverLM
+    from leverlm.icl.retrievers import RandomRetriever
+    from leverlm.lever.select import LeverLM
+    from leverlm.similarity import cosine_topk_reference
 
     preds = _predictions(world.ref)
     by = {(p["method"], p["shots"], p["query_key"]): p["icd_positions"] for p in preds}
@@ -140,7 +141,7 @@ def test_each_method_gets_its_retrievers_icds(world):
         "sttr": cosine_topk_reference(q.text[pos], s.text, 3)[0],
         "sitr": cosine_topk_reference(q.image[pos], s.text, 3)[0],
     }
-    lever = LeverLM.from_checkpoint(world.ckpt, features=world.support_store)
+    lever = LeverLM.from_checkpoint(world.ckpt, support_features=world.support_store)
     for shots in SHOTS:
         rand = RandomRetriever(NUM_SUPPORT, seed=0).retrieve(qs, shots)
         lm = lever.select(pos, shots, query_features=world.query_store)

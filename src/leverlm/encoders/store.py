@@ -203,27 +203,27 @@ class FeatureStore:
     def check_matches(self, collection: Any, sha256: str | None = None) -> None:
         """Raise ``FeatureStoreError`` unless this store is complete and built for ``collection``.
 
-        ``collection`` is a collection folder or a ``Collection``; it is identified by the
-        sha256 of its ``manifest.json`` (``sha256``, when given, stands for that hash, e.g. as
-        a gt manifest records it, and ``collection`` only names it).
+        ``collection`` is a collection folder or a ``Collection``, identified by the sha256 of
+        its ``manifest.json``; ``sha256``, when given, is that hash (e.g. as a gt manifest
+        records it) and ``collection`` (which may then be None) only names it.
         """
         if not self.complete:
             raise FeatureStoreError(f"feature store {self.path} is incomplete; rerun it")
-        manifest_path = collection_manifest_path(collection)
+        folder = None if collection is None else collection_manifest_path(collection).parent
         if sha256 is None:
             try:
-                sha256 = sha256_file(manifest_path)
+                sha256 = sha256_file(folder / MANIFEST)
             except OSError as err:
                 raise FeatureStoreError(
-                    f"cannot read collection manifest {manifest_path}: {err}"
+                    f"cannot read collection manifest {folder / MANIFEST}: {err}"
                 ) from err
         want = self.manifest.get("collection_manifest_sha256")
         if sha256 != want:
             raise FeatureStoreError(
                 f"feature store {self.path} was built for collection "
                 f"{self.manifest.get('collection_name')!r} (manifest sha256 {str(want)[:12]}...), "
-                f"not for {manifest_path.parent} (sha256 {sha256[:12]}...); rebuild it with "
-                f"'leverlm features --collection {manifest_path.parent} --overwrite'"
+                f"not for {folder or 'this one'} (sha256 {sha256[:12]}...); rebuild it with "
+                f"'leverlm features --collection {folder or 'COLLECTION'} --overwrite'"
             )
 
 
@@ -237,7 +237,8 @@ def open_store(
             arrays), which is returned as is.
         collection: the collection the store must have been built for (folder or
             ``Collection``), checked by its manifest's sha256; None: not checked.
-        sha256: that collection manifest's sha256, when it is known without the folder.
+        sha256: that collection manifest's sha256, when it is known without reading the folder
+            (as a gt manifest or a checkpoint records it); also checked.
         what: the parameter that named the store, for error messages.
     """
     if not isinstance(store, str | os.PathLike):
@@ -250,8 +251,8 @@ def open_store(
         )
     try:
         opened = FeatureStore(path)
-        if collection is not None or sha256 is not None:
-            opened.check_matches(collection if collection is not None else path, sha256)
+        if collection is not None or sha256:
+            opened.check_matches(collection, sha256)
     except FeatureStoreError as err:
         raise FeatureStoreError(f"{what}: {err}") from err
     return opened

@@ -267,8 +267,8 @@ def accepted_args(factory: Any) -> tuple[set[str], bool]:
 _PATH_ARGS = (
     "checkpoint",
     "path",
-    "support_feature_store",
-    "query_feature_store",
+    "support_features",
+    "query_features",
     "queries",
     "supporting_set",
 )
@@ -556,7 +556,7 @@ class EvalDataModule(pl.LightningDataModule):
     def retrieval_context(self, device: str) -> dict[str, Any]:
         """What the job knows that retrievers may take (see :func:`build_retrievers`)."""
         from leverlm.data.collection import read_manifest
-        from leverlm.encoders import FeatureStore
+        from leverlm.encoders.store import open_store
         from leverlm.tasks import get_task
 
         ctx: dict[str, Any] = {
@@ -566,14 +566,16 @@ class EvalDataModule(pl.LightningDataModule):
             "queries": _abspath(self.queries),
             "supporting_set": _abspath(self.supporting_set),
             # paths, for retrievers that open a store themselves (Lever-LM)
-            "support_feature_store": _abspath(self.support_features),
-            "query_feature_store": _abspath(self.query_features),
+            "support_features": _abspath(self.support_features),
+            "query_features": _abspath(self.query_features),
         }
         if self.support_features:
-            store = FeatureStore(self.support_features)
+            store = open_store(
+                self.support_features, self.supporting_set, what="data.support_features"
+            )
             ctx["support_image"], ctx["support_text"] = store.image, store.text
         if self.query_features:
-            store = FeatureStore(self.query_features)
+            store = open_store(self.query_features, self.queries, what="data.query_features")
             ctx["query_image"] = store.image
             # A caption query's text is its answer: STTR compares its image with ICD texts.
             ctx["query_text"] = None if get_task(self.task).name == "caption" else store.text
@@ -989,18 +991,14 @@ def _collection_info(path: str, what: str) -> dict[str, Any]:
 
 def _check_store(path: str, collection: dict[str, Any], what: str) -> str:
     """Open a feature store and check it was built for ``collection``; its manifest sha256."""
-    from leverlm.encoders import FeatureStore, FeatureStoreError
+    from leverlm.encoders.store import FeatureStoreError, open_store
 
     try:
-        store = FeatureStore(path)
-        store.check_matches(collection["path"])
-    except FeatureStoreError as err:
-        raise EvalConfigError(f"data.{what}: {err}") from err
-    if len(store) != collection["num_samples"]:
-        raise EvalConfigError(
-            f"data.{what}: feature store {path} has {len(store)} rows but collection "
-            f"{collection['path']} has {collection['num_samples']} samples"
+        open_store(
+            path, collection["path"], sha256=collection["manifest_sha256"], what=f"data.{what}"
         )
+    except FeatureStoreError as err:
+        raise EvalConfigError(str(err)) from err
     return sha256_file(Path(path) / "manifest.json")
 
 
@@ -1033,7 +1031,7 @@ def _check_lever(
         )
     wants_queries = bool(config.get("query_features"))
     if wants_queries and not (
-        spec.kwargs.get("query_feature_store")
+        spec.kwargs.get("query_features")
         or data.get("query_features")
         or info.get("clip_trainable")
     ):
@@ -1119,7 +1117,7 @@ def plan_eval(
                     f"{' and '.join('data.' + k for k in lacking)} (feature stores of "
                     "data.supporting_set / data.queries, from `leverlm features`)"
                 )
-        for key, coll in (("support_feature_store", support), ("query_feature_store", queries)):
+        for key, coll in (("support_features", support), ("query_features", queries)):
             path = spec.kwargs.get(key)
             if isinstance(path, str):
                 checksums[f"{spec.method}.{key}_manifest"] = _check_store(

@@ -2,7 +2,7 @@
 
 Registered into :mod:`leverlm.icl.retrievers` on import (``leverlm.icl.job`` imports this):
 
-- ``lever_lm``: :meth:`leverlm.lever.generate.LeverLM.select` - greedy (or beam) decoding of
+- ``lever_lm``: :meth:`leverlm.lever.select.LeverLM.select` - greedy (or beam) decoding of
   the ICD positions per query from its CLIP features, never repeating an ICD *of that query*.
 - ``lever_lm_shuffled``: the same ICDs in a random order seeded per query (the paper's
   ablation of the generated order).
@@ -17,6 +17,7 @@ gt dataset folder.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,7 +32,7 @@ from leverlm.icl.retrievers import (
 from leverlm.utils import read_jsonl
 
 if TYPE_CHECKING:
-    from leverlm.lever.generate import LeverLM
+    from leverlm.lever.select import LeverLM
 
 Take = Literal["last", "first"]
 
@@ -52,18 +53,19 @@ class LeverLMRetriever(Retriever):
 
     Args:
         checkpoint: the Lever-LM ``.ckpt`` (ignored when ``lever`` is given).
-        support_feature_store: the supporting set's feature store (path, store object or
+        support_features: the supporting set's feature store (folder, store object or
             ``{modality: (N, D)}``); default: the store recorded in the checkpoint (or, for a
             checkpoint with a fine-tuned CLIP, the supporting set encoded by that CLIP).
-        query_feature_store: the query collection's feature store (row = query ``position``);
+        query_features: the query collection's feature store (row = query ``position``);
             may be omitted for a fine-tuned-CLIP checkpoint: the queries of ``queries`` are then
             encoded (once each, as they are asked for) with the checkpoint's CLIP.
-        queries: the query collection folder (only needed for that CLIP encoding).
+        queries: the query collection folder: the query store must have been built for it;
+            the queries a fine-tuned CLIP encodes.
         num_candidates: the supporting-set size, checked against the checkpoint's vocabulary.
         beam_size: 1 = greedy (the paper); more = beam search over sequences.
         batch_size: queries decoded together.
         device: torch device for decoding.
-        lever: an already loaded :class:`~leverlm.lever.generate.LeverLM` (tests, the API).
+        lever: an already loaded :class:`~leverlm.lever.select.LeverLM` (tests, the API).
     """
 
     name = "lever_lm"
@@ -71,8 +73,8 @@ class LeverLMRetriever(Retriever):
     def __init__(
         self,
         checkpoint: str | None = None,
-        support_feature_store: Any = None,
-        query_feature_store: Any = None,
+        support_features: Any = None,
+        query_features: Any = None,
         queries: str | None = None,
         num_candidates: int | None = None,
         beam_size: int = 1,
@@ -85,11 +87,11 @@ class LeverLMRetriever(Retriever):
                 raise RetrieverError("lever_lm: a checkpoint (Lever-LM .ckpt) is required")
             if not Path(checkpoint).is_file():
                 raise RetrieverError(f"lever_lm: checkpoint {checkpoint!r} does not exist")
-            from leverlm.lever.generate import LeverLM
+            from leverlm.lever.select import LeverLM
 
             try:
                 lever = LeverLM.from_checkpoint(
-                    checkpoint, features=support_feature_store, device=device
+                    checkpoint, support_features=support_features, device=device
                 )
             except (ValueError, FileNotFoundError) as err:
                 raise RetrieverError(f"lever_lm: checkpoint {checkpoint!r}: {err}") from err
@@ -102,10 +104,17 @@ class LeverLMRetriever(Retriever):
         for arg, value in (("beam_size", beam_size), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RetrieverError(f"lever_lm: {arg} must be an int >= 1, got {value!r}")
+        if query_features is not None and not isinstance(query_features, Mapping):
+            from leverlm.encoders.store import FeatureStoreError, open_store
+
+            try:
+                query_features = open_store(query_features, queries, what="query_features")
+            except FeatureStoreError as err:
+                raise RetrieverError(f"lever_lm: {err}") from err
         super().__init__(vocab)
         self.lever = lever
         self.checkpoint = checkpoint
-        self.query_feature_store = query_feature_store
+        self.query_features = query_features
         self.queries = queries
         self.beam_size = beam_size
         self.batch_size = batch_size
@@ -118,11 +127,11 @@ class LeverLMRetriever(Retriever):
 
     def _features_source(self, positions: list[int]) -> tuple[Any, Any]:
         """(queries argument for ``select``, its ``query_features``) for ``positions``."""
-        if self.query_feature_store is not None:
-            return positions, self.query_feature_store
+        if self.query_features is not None:
+            return positions, self.query_features
         if self.lever.clip is None:
             raise RetrieverError(
-                "lever_lm: query_feature_store (the query collection's feature store) is required "
+                "lever_lm: query_features (the query collection's feature store) is required "
                 "for a checkpoint without a fine-tuned CLIP"
             )
         if not self.queries:
@@ -135,7 +144,7 @@ class LeverLMRetriever(Retriever):
             # Each query is encoded once, by the checkpoint's CLIP; later calls gather rows.
             import torch
 
-            from leverlm.lever.generate import encode_collection
+            from leverlm.lever.select import encode_collection
 
             info = self.lever.info
             fresh = encode_collection(
@@ -213,8 +222,8 @@ class LeverLMRetriever(Retriever):
 @register_retriever("lever_lm_shuffled")
 def lever_lm_shuffled(
     checkpoint: str | None = None,
-    support_feature_store: Any = None,
-    query_feature_store: Any = None,
+    support_features: Any = None,
+    query_features: Any = None,
     queries: str | None = None,
     num_candidates: int | None = None,
     beam_size: int = 1,
@@ -232,8 +241,8 @@ def lever_lm_shuffled(
     if inner is None:
         inner = LeverLMRetriever(
             checkpoint=checkpoint,
-            support_feature_store=support_feature_store,
-            query_feature_store=query_feature_store,
+            support_features=support_features,
+            query_features=query_features,
             queries=queries,
             num_candidates=num_candidates,
             beam_size=beam_size,
