@@ -119,3 +119,16 @@ def test_joint_features_score_the_mean_of_the_cosines(feats) -> None:
     np.testing.assert_allclose(scores, np.take_along_axis(mean, pos, axis=1), atol=1e-5)
     with pytest.raises(SimilarityError, match="row-aligned"):
         JointFeatures(feats["support_image"], feats["query_text"])
+
+
+def test_the_device_path_equals_the_reference(feats) -> None:
+    # Any device but "cpu" multiplies the blocks with torch there; "cpu:0" takes that path here.
+    exclude = [[i % N, (7 * i) % N] for i in range(Q)]
+    pos, scores = cosine_topk(
+        feats["query_text"], feats["support_image"], 9, exclude, chunk_rows=64, device="cpu:0"
+    )
+    ref_pos, ref_scores = cosine_topk_reference(
+        feats["query_text"], feats["support_image"], 9, exclude
+    )
+    np.testing.assert_array_equal(pos, ref_pos)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)

@@ -25,6 +25,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -400,7 +401,9 @@ def _scoring_case(lvlm: Any, model_type: str, order: str, args: argparse.Namespa
 # --------------------------------------------------------------------------------------------
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _lever_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The options the Lever-LM benches share."""
+    p = argparse.ArgumentParser(prog=f"leverlm bench {name}", description=description)
     p.add_argument("--num-icds", type=int, default=20_000, help="supporting-set size (vocabulary)")
     p.add_argument("--n-embd", type=int, default=512)
     p.add_argument("--n-layer", type=int, default=2)
@@ -411,6 +414,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     p.add_argument("--seed", type=int, default=0)
+    return p
 
 
 def _check_positive(p: argparse.ArgumentParser, args: argparse.Namespace, names: list[str]) -> None:
@@ -442,11 +446,9 @@ def _model(
 
 # -- train -----------------------------------------------------------------------------------
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="leverlm bench train",
-        description="Lever-LM training sequences/s: features from the store vs frozen CLIP per batch",
+    p = _lever_parser(
+        "train", "Lever-LM training sequences/s: features from the store vs frozen CLIP per batch"
     )
-    _common(p)
     p.add_argument("--shots", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=3, help="timed steps on the store path")
@@ -464,6 +466,7 @@ def _bench_train(args: argparse.Namespace, p: argparse.ArgumentParser) -> list[d
     import torch
 
     from leverlm.encoders import load_clip
+    from leverlm.encoders.store import open_array
     from leverlm.lever.data import SequenceCollator
 
     # the reference path's frozen CLIP, built (and its size checked) before any timing
@@ -514,7 +517,7 @@ def _bench_train(args: argparse.Namespace, p: argparse.ArgumentParser) -> list[d
             )
             arr[:] = rng.standard_normal((N, D)).astype(np.float16)
             arr.flush()
-            arrays[m] = np.load(f"{tmp}/{m}.npy", mmap_mode="r")
+            arrays[m] = open_array(Path(f"{tmp}/{m}.npy"), N, D)
         collate = SequenceCollator(N, SimpleNamespace(**arrays), query_f, icd_f)
         b = collate(items(args.batch_size))
         step(b, b["query_feats"], b["icd_feats"])  # warm-up
@@ -573,11 +576,9 @@ def _bench_train(args: argparse.Namespace, p: argparse.ArgumentParser) -> list[d
 
 # -- select ----------------------------------------------------------------------------------
 def select_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="leverlm bench select",
-        description="Lever-LM decoding queries/s: batched + KV cache vs one query, no cache",
+    p = _lever_parser(
+        "select", "Lever-LM decoding queries/s: batched + KV cache vs one query, no cache"
     )
-    _common(p)
     p.add_argument("--shots", type=int, default=8)
     p.add_argument("--queries", type=int, default=128, help="queries decoded on the fast path")
     p.add_argument("--batch-size", type=int, default=128)

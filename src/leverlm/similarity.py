@@ -72,15 +72,6 @@ def _finite(block: np.ndarray, what: str, offset: int) -> None:
         raise SimilarityError(f"{what} row {offset + int(np.flatnonzero(bad)[0])} is not finite")
 
 
-def _matmul(queries: np.ndarray, rows: np.ndarray, device: str) -> np.ndarray:
-    if device == "cpu":
-        return queries @ rows.T
-    import torch  # an accelerator: the same blocks, multiplied there
-
-    q, r = (torch.from_numpy(x).to(device) for x in (queries, rows))
-    return (q @ r.T).cpu().numpy()
-
-
 def cosine_topk(
     queries: Any,
     support: Any,
@@ -98,9 +89,10 @@ def cosine_topk(
             :class:`JointFeatures`); row = supporting-set position.
         exclude: ``exclude[i]`` are positions query ``i`` must not get.
         chunk_rows / query_block: the fixed block shape (see the module docstring).
-        device: where the block products run (``cpu``: numpy).
+        device: where the block products run (``cpu``: numpy; else torch on that device).
 
-    Returns ``(positions int64 (Q, k), scores float32 (Q, k))``, most similar first.
+    Returns ``(positions int64 (Q, k), scores float32 (Q, k))``, most similar first. The
+    supporting set is read once per call, chunk by chunk.
     """
     import numpy as np
 
@@ -113,45 +105,63 @@ def cosine_topk(
     if not 0 <= k <= n:
         raise SimilarityError(f"k={k} must be in 0..N={n}")
     q_count = int(queries.shape[0])
-    positions = np.zeros((q_count, k), np.int64)
-    scores = np.zeros((q_count, k), np.float32)
-    if k == 0:
-        return positions, scores
-    for b in range(0, q_count, query_block):
-        block = normalise(queries[b : b + query_block])
-        _finite(block, "query features", b)
-        valid = len(block)
-        padded = np.zeros((query_block, dim), np.float32)
-        padded[:valid] = block
-        ex_r = np.array([i for i in range(valid) for _ in (exclude[b + i] if exclude else ())])
-        ex_c = np.array([int(p) for i in range(valid) for p in (exclude[b + i] if exclude else ())])
-        best_sims = np.full((query_block, 0), -np.inf, np.float32)
-        best_pos = np.zeros((query_block, 0), np.int64)
-        for start in range(0, n, chunk_rows):
-            rows = normalise(support[start : start + chunk_rows])
-            _finite(rows, "supporting-set features", start)
-            n_rows = len(rows)
-            if n_rows < chunk_rows:  # pad the last chunk: the same product shape always
-                rows = np.concatenate([rows, np.zeros((chunk_rows - n_rows, dim), np.float32)])
-            sims = _matmul(padded, rows, device)[:, :n_rows]
-            if ex_c.size:
-                inside = (ex_c >= start) & (ex_c < start + n_rows)
-                sims[ex_r[inside], ex_c[inside] - start] = -np.inf
-            pos = np.arange(start, start + n_rows, dtype=np.int64)
-            sims = np.concatenate([best_sims, sims], axis=1)
-            cand = np.concatenate([best_pos, np.broadcast_to(pos, (query_block, n_rows))], 1)
-            keep = min(k, sims.shape[1])
+    if k == 0 or q_count == 0:
+        return np.zeros((q_count, k), np.int64), np.zeros((q_count, k), np.float32)
+    padded = np.zeros((-(-q_count // query_block) * query_block, dim), np.float32)
+    padded[:q_count] = normalise(queries[:])
+    _finite(padded, "query features", 0)
+    ex_r = np.array([i for i, ex in enumerate(exclude or ()) for _ in ex], np.int64)
+    ex_c = np.array([int(p) for ex in (exclude or ()) for p in ex], np.int64)
+    product = _product(padded, device)
+    best_sims = np.full((len(padded), 0), -np.inf, np.float32)
+    best_pos = np.zeros((len(padded), 0), np.int64)
+    for start in range(0, n, chunk_rows):
+        rows = normalise(support[start : start + chunk_rows])
+        _finite(rows, "supporting-set features", start)
+        n_rows = len(rows)
+        if n_rows < chunk_rows:  # pad the last chunk: the same product shape always
+            rows = np.concatenate([rows, np.zeros((chunk_rows - n_rows, dim), np.float32)])
+        block_sims = product(rows)
+        keep = min(k, best_sims.shape[1] + n_rows)
+        new_sims = np.empty((len(padded), keep), np.float32)
+        new_pos = np.empty((len(padded), keep), np.int64)
+        pos = np.arange(start, start + n_rows, dtype=np.int64)
+        inside = (ex_c >= start) & (ex_c < start + n_rows)
+        for b in range(0, len(padded), query_block):
+            sims = block_sims(b, b + query_block)[:, :n_rows]
+            hit = inside & (ex_r >= b) & (ex_r < b + query_block)
+            sims[ex_r[hit] - b, ex_c[hit] - start] = -np.inf
+            sims = np.concatenate([best_sims[b : b + query_block], sims], axis=1)
+            cand = np.concatenate(
+                [best_pos[b : b + query_block], np.broadcast_to(pos, (query_block, n_rows))], 1
+            )
             # Exact top-k, ties to the lower position: a partition finds each row's k-th
             # largest value, then only the entries >= it are sorted on (-similarity, position).
             kth = np.partition(sims, sims.shape[1] - keep, axis=1)[:, sims.shape[1] - keep]
             order = np.tile(np.arange(keep), (query_block, 1))  # padding rows: anything
-            for i in range(valid):
+            for i in range(min(query_block, q_count - b)):
                 idx = np.flatnonzero(sims[i] >= kth[i])
                 order[i] = idx[np.lexsort((cand[i, idx], -sims[i, idx]))[:keep]]
-            best_sims = np.take_along_axis(sims, order, axis=1)
-            best_pos = np.take_along_axis(cand, order, axis=1)
-        positions[b : b + valid], scores[b : b + valid] = best_pos[:valid], best_sims[:valid]
-    return positions, scores
+            new_sims[b : b + query_block] = np.take_along_axis(sims, order, axis=1)
+            new_pos[b : b + query_block] = np.take_along_axis(cand, order, axis=1)
+        best_sims, best_pos = new_sims, new_pos
+    return best_pos[:q_count], best_sims[:q_count]
+
+
+def _product(queries: np.ndarray, device: str) -> Any:
+    """``product(rows)(a, b)``: ``queries[a:b] @ rows.T``, one query block at a time, on
+    ``device`` (the rows are moved there once per chunk)."""
+    if device == "cpu":
+        return lambda rows: lambda a, b: queries[a:b] @ rows.T
+    import torch
+
+    q = torch.from_numpy(queries).to(device)
+
+    def per_chunk(rows: np.ndarray) -> Any:
+        r = torch.from_numpy(rows).to(device)
+        return lambda a, b: (q[a:b] @ r.T).cpu().numpy()
+
+    return per_chunk
 
 
 def cosine_topk_reference(

@@ -1,7 +1,9 @@
 """open_clip encoders and the feature store (``leverlm features``).
 
 - ``load_clip(model_name, pretrained=None, device, precision, normalize) -> ClipEncoder``
-- ``FeatureStore(path)``: memory-mapped fp16 ``image`` / ``text`` arrays, row i = position i
+- ``open_store(path, collection)``: the one reader of a feature store (a ``FeatureStore``:
+  memory-mapped fp16 ``image`` / ``text`` arrays, row i = position i), checked against the
+  collection it was built for
 - ``compute_features(collection_path, out_dir, model_name, ...) -> Path``: the Lightning job
 - ``default_feature_dir(collection_path, model_name)``:
   ``<collection>/../features/<collection-name>/<model-name>/``
@@ -14,7 +16,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from leverlm.encoders.store import FeatureStore, FeatureStoreError, default_feature_dir
+from leverlm.encoders.store import (
+    FeatureStore,
+    FeatureStoreError,
+    default_feature_dir,
+    open_store,
+)
 
 if TYPE_CHECKING:
     from leverlm.encoders.clip import TINY_CLIP, ClipEncoder, EncoderError, load_clip
@@ -30,6 +37,7 @@ __all__ = [
     "default_feature_dir",
     "load_clip",
     "main",
+    "open_store",
 ]
 
 _LAZY = {

@@ -163,6 +163,13 @@ def make_header(
     }
 
 
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise GtDataError(f"{path}: unreadable {what} ({err})") from err
+
+
 def parts_dir(out: str | os.PathLike) -> Path:
     return Path(out) / PARTS
 
@@ -172,10 +179,7 @@ def read_header(out: str | os.PathLike) -> dict[str, Any] | None:
     path = parts_dir(out) / PARTS_HEADER
     if not path.exists():
         return None
-    try:
-        header = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise GtDataError(f"{path}: unreadable run header ({err})") from err
+    header = _read_json(path, "run header")
     if not isinstance(header, dict) or header.get("format") != PARTS_FORMAT:
         raise GtDataError(f"{path}: not a leverlm gt run header (format {PARTS_FORMAT!r})")
     for key in ("config_sha256", "config", "anchors", "manifest"):
@@ -343,10 +347,7 @@ def read_gt(path: str | os.PathLike) -> tuple[dict[str, Any], list[GtRecord]]:
     mpath, rpath = path / MANIFEST, path / RECORDS
     if not mpath.exists():
         raise GtDataError(f"{mpath} does not exist (not a gt dataset, or not merged yet)")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise GtDataError(f"{mpath}: unreadable manifest ({err})") from err
+    manifest = _read_json(mpath, "manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise GtDataError(f"{mpath}: field 'format' must be {FORMAT!r}")
     if manifest.get("version") != VERSION:

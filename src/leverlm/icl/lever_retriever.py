@@ -16,6 +16,7 @@ gt dataset folder.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ from leverlm.icl.retrievers import (
     ShuffledRetriever,
     _check_shots,
     _query_key,
+    check_sizes,
     register_retriever,
 )
 from leverlm.utils import read_jsonl
@@ -101,9 +103,7 @@ class LeverLMRetriever(Retriever):
                 f"lever_lm: the checkpoint's vocabulary has {vocab} ICDs but the supporting set "
                 f"has {num_candidates} samples (trained on another supporting set?)"
             )
-        for arg, value in (("beam_size", beam_size), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RetrieverError(f"lever_lm: {arg} must be an int >= 1, got {value!r}")
+        check_sizes("lever_lm", beam_size=beam_size, batch_size=batch_size)
         if query_features is not None and not isinstance(query_features, Mapping):
             from leverlm.encoders.store import FeatureStoreError, open_store
 
@@ -112,12 +112,9 @@ class LeverLMRetriever(Retriever):
             except FeatureStoreError as err:
                 raise RetrieverError(f"lever_lm: {err}") from err
         super().__init__(vocab)
-        self.lever = lever
-        self.checkpoint = checkpoint
+        self.lever, self.checkpoint, self.queries = lever, checkpoint, queries
         self.query_features = query_features
-        self.queries = queries
-        self.beam_size = beam_size
-        self.batch_size = batch_size
+        self.beam_size, self.batch_size = beam_size, batch_size
         # (position, exclusions) -> greedy sequence of the longest length decoded so far;
         # (position, exclusions, shots) -> beam-search sequence.
         self._cache: dict[tuple, list[int]] = {}
@@ -182,12 +179,9 @@ class LeverLMRetriever(Retriever):
 
     def _items(self, queries: list[dict[str, Any]], shots: int) -> list[tuple[int, frozenset]]:
         items = []
-        for i, query in enumerate(queries):
-            key = _query_key(query, i)
+        for query, (key, excluded) in zip(queries, self.checked(queries, shots), strict=True):
             if "position" not in query:
                 raise RetrieverError(f"lever_lm: query {key!r} has no 'position'")
-            excluded = self.excluded(query, i)
-            self._check_capacity(shots, excluded, key)
             items.append((int(query["position"]), excluded))
         return items
 
@@ -221,36 +215,24 @@ class LeverLMRetriever(Retriever):
 
 @register_retriever("lever_lm_shuffled")
 def lever_lm_shuffled(
-    checkpoint: str | None = None,
-    support_features: Any = None,
-    query_features: Any = None,
-    queries: str | None = None,
-    num_candidates: int | None = None,
-    beam_size: int = 1,
-    batch_size: int = 256,
-    device: str = "cpu",
-    lever: LeverLM | None = None,
-    seed: int = 0,
-    inner: Retriever | None = None,
+    seed: int = 0, inner: Retriever | None = None, **lever_lm: Any
 ) -> ShuffledRetriever:
     """Lever-LM's ICDs in a random order, seeded per query by ``(seed, key, shots)``.
 
     ``inner``: an existing ``lever_lm`` retriever to shuffle (its decoding is then shared);
-    otherwise one is built from the other arguments (see :class:`LeverLMRetriever`).
+    otherwise one is built from the other arguments (those of :class:`LeverLMRetriever`).
     """
-    if inner is None:
-        inner = LeverLMRetriever(
-            checkpoint=checkpoint,
-            support_features=support_features,
-            query_features=query_features,
-            queries=queries,
-            num_candidates=num_candidates,
-            beam_size=beam_size,
-            batch_size=batch_size,
-            device=device,
-            lever=lever,
-        )
-    return ShuffledRetriever(inner, seed=seed)
+    return ShuffledRetriever(inner or LeverLMRetriever(**lever_lm), seed=seed)
+
+
+# The arguments it accepts, spelled out (configs are checked against them): LeverLMRetriever's,
+# then its own.
+lever_lm_shuffled.__signature__ = inspect.Signature(
+    [
+        *inspect.signature(LeverLMRetriever).parameters.values(),
+        *list(inspect.signature(lever_lm_shuffled).parameters.values())[:2],
+    ]
+)
 
 
 # ---------------------------------------------------------------------------------------------

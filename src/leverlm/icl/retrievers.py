@@ -139,6 +139,13 @@ def _check_shots(shots: Any) -> int:
     return shots
 
 
+def check_sizes(retriever: str, **sizes: Any) -> None:
+    """Each of ``sizes`` is an int >= 1 (else an error naming the retriever and the argument)."""
+    for arg, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RetrieverError(f"{retriever}: {arg} must be an int >= 1, got {value!r}")
+
+
 def _check_most_similar(value: str) -> MostSimilar:
     if value not in ("last", "first"):
         raise RetrieverError(f"most_similar must be 'last' or 'first', got {value!r}")
@@ -195,6 +202,15 @@ class Retriever(ABC):
                 )
             out.add(int(query["position"]))
         return frozenset(out)
+
+    def checked(self, queries: list[dict[str, Any]], shots: int) -> list[tuple[str, frozenset]]:
+        """Each query's key and excluded positions, once it is known it can get ``shots`` ICDs."""
+        out = []
+        for i, query in enumerate(queries):
+            key, excluded = _query_key(query, i), self.excluded(query, i)
+            self._check_capacity(shots, excluded, key)
+            out.append((key, excluded))
+        return out
 
     def _check_capacity(self, shots: int, excluded: frozenset[int], key: Any) -> None:
         """Fail early when a query cannot get ``shots`` distinct allowed ICDs."""
@@ -279,12 +295,7 @@ class RandomRetriever(Retriever):
         return chosen
 
     def retrieve(self, queries: list[dict[str, Any]], shots: int) -> list[list[int]]:
-        shots = _check_shots(shots)
-        keyed = []
-        for i, query in enumerate(queries):
-            key, excluded = _query_key(query, i), self.excluded(query, i)
-            self._check_capacity(shots, excluded, key)
-            keyed.append((key, excluded))
+        keyed = self.checked(queries, _check_shots(shots))
         if shots == 0:
             return [[] for _ in queries]
         return [self._draw(key, shots, excluded) for key, excluded in keyed]
@@ -454,9 +465,7 @@ class AnswerOracleRetriever(Retriever):
     def retrieve(self, queries: list[dict[str, Any]], shots: int) -> list[list[int]]:
         shots = _check_shots(shots)
         out = []
-        for i, query in enumerate(queries):
-            key, excluded = _query_key(query, i), self.excluded(query, i)
-            self._check_capacity(shots, excluded, key)
+        for i, (query, (key, excluded)) in enumerate(zip(queries, self.checked(queries, shots))):
             pos = _query_position(query, i, len(self.queries))
             label = self._label(self.queries.fields(pos), pos, str(self.queries.path))
             out.append(self._one(key, label, shots, excluded) if shots else [])
@@ -546,9 +555,7 @@ class SimilarityRetriever(Retriever):
                     f"{name}: feature dims differ: supporting-set features {s.shape} vs query "
                     f"features {q.shape}"
                 )
-        for arg, value in (("chunk_size", chunk_size), ("query_chunk_size", query_chunk_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RetrieverError(f"{name}: {arg} must be an int >= 1, got {value!r}")
+        check_sizes(name, chunk_size=chunk_size, query_chunk_size=query_chunk_size)
         support, query = (x[0] if len(x) == 1 else JointFeatures(*x) for x in sides.values())
         super().__init__(int(support.shape[0]), exclude_query_position)
         self.support_features, self.query_features = support, query

@@ -289,14 +289,10 @@ class LeverLMDataModule(L.LightningDataModule):
         ss_path = supporting_set or ss.get("path") or None
         # absolute, so a checkpoint still finds it from another working directory
         self.supporting_set_path: str | None = os.path.abspath(ss_path) if ss_path else None
-        self.batch_size = batch_size
-        self.val_fraction = val_fraction
-        self.seed = seed
-        self.score_threshold = score_threshold
-        self.sequence_order = sequence_order
+        self.batch_size, self.val_fraction, self.seed = batch_size, val_fraction, seed
+        self.score_threshold, self.sequence_order = score_threshold, sequence_order
         self.num_workers = num_workers
-        self.clip_trainable = clip_trainable
-        self.clip_model = clip_model
+        self.clip_trainable, self.clip_model = clip_trainable, clip_model
         self.supporting_set_sha256: str | None = ss.get("manifest_sha256")
         self.support_features_path: str | None = None
         self.feature_dim: int | None = None
