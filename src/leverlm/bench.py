@@ -156,12 +156,8 @@ def parse_scoring_args(argv: list[str]) -> argparse.Namespace:
     for order in args.orders:
         if order not in ("left", "right"):
             p.error(f"--orders: unknown order {order!r}; use left,right")
-    for name in ("candidates", "batch_size", "beams", "reference_candidates"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("shots", "threads"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    _check_at_least(p, args, 1, ["candidates", "batch_size", "beams", "reference_candidates"])
+    _check_at_least(p, args, 0, ["shots", "threads"])
     try:
         w, h = (int(x) for x in args.image_size.lower().split("x"))
     except ValueError:
@@ -417,10 +413,12 @@ def _lever_parser(name: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def _check_positive(p: argparse.ArgumentParser, args: argparse.Namespace, names: list[str]) -> None:
+def _check_at_least(
+    p: argparse.ArgumentParser, args: argparse.Namespace, low: int, names: list[str]
+) -> None:
     for name in names:
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
 
 
 def _model(
@@ -648,8 +646,8 @@ def bench_train(argv: list[str]) -> list[dict[str, Any]]:
     """``leverlm bench train``: training throughput, store features vs CLIP on every batch."""
     p = train_parser()
     args = p.parse_args(argv)
-    _check_positive(
-        p, args, ["num_icds", "shots", "batch_size", "steps", "clip_batch_size", "clip_steps"]
+    _check_at_least(
+        p, args, 1, ["num_icds", "shots", "batch_size", "steps", "clip_batch_size", "clip_steps"]
     )
     with _threads(args.threads):
         return _bench_train(args, p)
@@ -659,7 +657,7 @@ def bench_select(argv: list[str]) -> list[dict[str, Any]]:
     """``leverlm bench select``: decoding throughput, batched + KV cache vs reference."""
     p = select_parser()
     args = p.parse_args(argv)
-    _check_positive(p, args, ["num_icds", "shots", "queries", "batch_size", "reference_queries"])
+    _check_at_least(p, args, 1, ["num_icds", "shots", "queries", "batch_size", "reference_queries"])
     if args.reference_queries > args.queries:
         p.error("--reference-queries must be <= --queries")
     with _threads(args.threads):

@@ -65,20 +65,8 @@ def _safe_name(name: str) -> str:
 
 
 def collection_manifest_path(collection: Any) -> Path:
-    """``manifest.json`` of a collection given as a path or a ``Collection``-like object."""
-    if isinstance(collection, str | os.PathLike):
-        root = Path(collection)
-    else:
-        root = None
-        for attr in ("path", "root", "dir"):
-            value = getattr(collection, attr, None)
-            if isinstance(value, str | os.PathLike):
-                root = Path(value)
-                break
-        if root is None:
-            raise FeatureStoreError(
-                f"cannot find the folder of collection {collection!r}: pass its path"
-            )
+    """``manifest.json`` of a collection given as a path or a ``Collection`` (its ``path``)."""
+    root = Path(getattr(collection, "path", collection))
     return root if root.name == MANIFEST else root / MANIFEST
 
 

@@ -569,14 +569,11 @@ class SimilarityRetriever(Retriever):
     def _resolve(
         self, queries: list[dict[str, Any]], shots: int
     ) -> list[tuple[int, frozenset[int]]]:
-        shots = _check_shots(shots)
-        out = []
-        for i, query in enumerate(queries):
-            pos = _query_position(query, i, self.query_features.shape[0])
-            excluded = self.excluded(query, i)
-            self._check_capacity(shots, excluded, query.get("__key__", i))
-            out.append((pos, excluded))
-        return out
+        checked = self.checked(queries, _check_shots(shots))
+        n = self.query_features.shape[0]
+        return [
+            (_query_position(q, i, n), ex) for i, (q, (_, ex)) in enumerate(zip(queries, checked))
+        ]
 
     def _rank(self, items: list[tuple[int, frozenset[int]]], k: int) -> list[list[int]]:
         """Ranked (most similar first) top-``k`` per (position, exclusions), using the cache."""

@@ -119,20 +119,18 @@ class LeverLM:
         mods = tuple(
             m for m in MODALITIES if m in config.icd_features or m in config.output_features
         )
-        bank = None
-        if not mods:
-            bank = None  # indices only: nothing to gather
-        elif support_features is not None:
+        bank = None  # indices only: nothing to gather
+        if mods and support_features is not None:
             bank = cls._bank(support_features, mods, device, info)
-        elif clip is not None:
+        elif mods and clip is not None:
             coll = info.get("supporting_set")
             if not coll:
                 raise ValueError(f"{path}: clip_trainable checkpoint without a supporting_set path")
             feats = encode_collection(clip, info["clip_model"], coll, info.get("task"), mods)
             bank = FeatureBank(feats, device=device)
-        elif info.get("support_features"):
+        elif mods and info.get("support_features"):
             bank = cls._bank(info["support_features"], mods, device, info)
-        else:
+        elif mods:
             raise ValueError(f"{path}: no features given and none recorded in the checkpoint")
         if bank is not None and bank.num_rows != config.num_icds:
             raise ValueError(
