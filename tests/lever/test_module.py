@@ -14,6 +14,7 @@ from helpers import ROOT
 from helpers.lever_world import World, make_world, write_store
 
 from leverlm.lever.module import main as train_main
+from leverlm.utils import sha256_file
 
 EXPERIMENTS = sorted(ROOT.glob("experiments/*/lever_*.yaml"))
 PAPER = (
@@ -129,13 +130,16 @@ def test_fit_writes_best_and_last_checkpoints_and_the_config(trained, world):
     assert hp["support_features"] == str(Path(world.store_dir).resolve())
     assert hp["supporting_set"] == str(world.collection.resolve())
     assert ckpt["leverlm_config"]["n_embd"] == 32
+    # the supporting set the vocabulary indexes, so a store given at decoding is checked
+    sha = sha256_file(world.collection / "manifest.json")
+    assert ckpt["leverlm_info"]["supporting_set_sha256"] == sha
     # validate from the checkpoint through the same CLI
     assert (
         train_main(["validate", *args, "--ckpt_path", str(out.rglob("last.ckpt").__next__())]) == 0
     )
 
 
-def test_checkpoint_reload_gives_identical_selections(trained, world):
+def test_checkpoint_reload_gives_identical_selections(trained, world, tmp_path):
     from leverlm.lever.decode import FeatureBank, greedy_decode
     from leverlm.lever.module import LeverLMModule
     from leverlm.lever.select import LeverLM
@@ -167,6 +171,10 @@ def test_checkpoint_reload_gives_identical_selections(trained, world):
     with pytest.raises(ValueError, match="rows"):
         bad = {m: getattr(world, m)[:5] for m in ("image", "text")}
         LeverLM.from_checkpoint(last, support_features=bad)
+    # a store of another collection, even of the same size, is refused
+    other = write_store(tmp_path / "other", world.image, world.text)
+    with pytest.raises(ValueError, match="support_features: feature store .* was built for"):
+        LeverLM.from_checkpoint(last, support_features=str(other))
 
 
 def test_select_cli_writes_keys_and_positions_atomically(trained, world, tmp_path):
