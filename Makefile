@@ -38,12 +38,12 @@ test: install ## run the test suite
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install ## ruff check + format check
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests tools
+	$(VENV)/bin/ruff format --check src tests tools
 
 format: install ## apply ruff fixes and formatting
-	$(VENV)/bin/ruff check --fix src tests
-	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests tools
+	$(VENV)/bin/ruff format src tests tools
 
 demo: install ## the whole pipeline on the embedded easy-vqa set (CPU, minutes)
 	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) $(ARGS)
@@ -53,7 +53,7 @@ demo: install ## the whole pipeline on the embedded easy-vqa set (CPU, minutes)
 DEMO_MODELS_OUT ?= src/leverlm/assets/demo
 demo-models: install ## retrain the demo's CLIP and LVLM (writes src/leverlm/assets/demo) [ARGS=]
 	$(VENV)/bin/leverlm prep easyvqa --out $(DEMO_DIR)/data
-	$(PY) -m leverlm.demo_models all --out $(DEMO_MODELS_OUT) --data $(DEMO_DIR)/data $(ARGS)
+	$(PY) -m tools.demo_models all --out $(DEMO_MODELS_OUT) --data $(DEMO_DIR)/data $(ARGS)
 
 # Pipeline steps. Without CONFIG they run on the demo's easy-vqa set under $(DEMO_DIR) (each
 # step prepares what it needs); with CONFIG they run that config, e.g.
@@ -61,27 +61,27 @@ demo-models: install ## retrain the demo's CLIP and LVLM (writes src/leverlm/ass
 CONFIG ?=
 gt-data: install ## ground-truth ICD sequences (LVLM beam search) [CONFIG=, ARGS=]
 ifeq ($(CONFIG),)
-	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --steps prep,models,features,gt --gt-args "$(ARGS)"
+	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --steps prep,models,features,gt --gt_args "$(ARGS)"
 else
 	$(VENV)/bin/leverlm gt predict --config $(CONFIG) $(ARGS)
 endif
 
 train: install ## train Lever-LM on the gt data [CONFIG=, ARGS=]
 ifeq ($(CONFIG),)
-	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --steps prep,models,features,gt,train --train-args "$(ARGS)"
+	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --steps prep,models,features,gt,train --train_args "$(ARGS)"
 else
 	$(VENV)/bin/leverlm train fit --config $(CONFIG) $(ARGS)
 endif
 
 eval: install ## in-context evaluation of Lever-LM vs the baselines, prints the table [CONFIG=, ARGS=]
 ifeq ($(CONFIG),)
-	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --eval-args "$(ARGS)"
+	$(VENV)/bin/leverlm demo --out $(DEMO_DIR) --eval_args "$(ARGS)"
 else
-	$(VENV)/bin/leverlm eval test --config $(CONFIG) $(ARGS)
+	$(VENV)/bin/leverlm eval predict --config $(CONFIG) $(ARGS)
 endif
 
-report: install ## tables and plot from eval results: make report RESULTS=dir [OUT=dir]
-	$(VENV)/bin/leverlm report $(or $(RESULTS),$(DEMO_DIR)/eval) --out $(or $(OUT),$(DEMO_DIR))
+report: install ## tables and plot of eval results, written beside them: make report RESULTS=dir [OUT=dir]
+	$(VENV)/bin/leverlm report $(or $(RESULTS),$(DEMO_DIR)/eval) $(if $(OUT),--out $(OUT))
 
 bench: install ## benchmarks: fast paths vs reference paths, ratios in one run
 	$(VENV)/bin/leverlm bench $(ARGS)

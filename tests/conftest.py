@@ -6,6 +6,7 @@ inherit these values.
 """
 
 import os
+import tempfile
 
 for _name in list(os.environ):
     if _name.startswith("WANDB_") or _name.startswith("LEVERLM_"):
@@ -17,6 +18,8 @@ os.environ.update(
         "WANDB_MODE": "disabled",
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",
+        # caches (e.g. verified shard checksums) of this test session only
+        "XDG_CACHE_HOME": tempfile.mkdtemp(prefix="leverlm-tests-cache-"),
     }
 )
 

@@ -9,7 +9,7 @@ import pytest
 from helpers import ROOT
 
 from leverlm import demo
-from leverlm.demo_models import CLIP_FILE, clip_checkpoint, lvlm_dir
+from leverlm.demo import CLIP_FILE, clip_checkpoint, lvlm_dir
 
 
 def test_demo_reads_the_committed_models(tmp_path, capsys) -> None:
@@ -61,4 +61,4 @@ def test_make_demo_models_retrains_into_the_asset_folder() -> None:
         check=True,
     ).stdout
     assert "leverlm prep easyvqa --out runs/demo/data" in out
-    assert "-m leverlm.demo_models all --out src/leverlm/assets/demo --data runs/demo/data" in out
+    assert "-m tools.demo_models all --out src/leverlm/assets/demo --data runs/demo/data" in out

@@ -23,6 +23,19 @@ from pathlib import Path
 from leverlm.errors import LeverError
 
 STEPS = ("prep", "models", "features", "gt", "train", "eval", "report")
+#: the demo's committed CLIP and LVLM (``make demo-models`` retrains them).
+ASSET_DIR = Path(__file__).resolve().parent / "assets" / "demo"
+CLIP_FILE = "leverlm-tiny-clip-easyvqa.safetensors"
+
+
+def clip_checkpoint(out: str | os.PathLike = ASSET_DIR) -> Path:
+    """The demo CLIP's checkpoint under a demo-models folder (default: the committed one)."""
+    return Path(out) / "clip" / CLIP_FILE
+
+
+def lvlm_dir(out: str | os.PathLike = ASSET_DIR) -> Path:
+    """The demo LVLM's ``save_pretrained`` folder under a demo-models folder."""
+    return Path(out) / "lvlm"
 
 
 class DemoError(LeverError):
@@ -60,14 +73,10 @@ class DemoPaths:
 
     @property
     def lvlm(self) -> Path:
-        from leverlm.demo_models import lvlm_dir
-
         return lvlm_dir()
 
     @property
     def clip(self) -> Path:
-        from leverlm.demo_models import clip_checkpoint
-
         return clip_checkpoint()
 
     def features(self, collection: Path) -> Path:
@@ -184,9 +193,6 @@ class Demo:
         )
 
     def step_train(self) -> None:
-        if self.paths.checkpoint.exists():
-            print(f"\n[demo:train] {self.paths.checkpoint} exists, skipping (delete it to retrain)")
-            return
         self.run(
             "train",
             _leverlm(
@@ -198,12 +204,8 @@ class Demo:
                 self.paths.gt,
                 "--data.support_features",
                 self.paths.features(self.paths.train_collection),
-                "--trainer.default_root_dir",
+                "--out",
                 self.paths.train,
-                "--trainer.logger.init_args.save_dir",
-                self.paths.train,
-                "--checkpoint.dirpath",
-                self.paths.train / "checkpoints",
                 *self.extra.get("train", []),
             ),
         )
@@ -214,7 +216,7 @@ class Demo:
             "eval",
             _leverlm(
                 "eval",
-                "test",
+                "predict",
                 "--config",
                 "conf/eval/easyvqa_tiny.yaml",
                 "--out",
@@ -264,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="delete --out first")
     for step in ("gt", "train", "eval"):
         p.add_argument(
-            f"--{step}-args",
+            f"--{step}_args",
             default="",
             help=f"extra overrides for the {step} command, e.g. '--trainer.max_epochs 2'",
         )

@@ -1,15 +1,21 @@
-"""Small shared helpers: atomic writes, JSON lines, hashing, thread settings."""
+"""Small shared helpers: atomic writes, JSON lines, hashing, seeding, thread settings, quiet
+logs."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.abc
+import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +122,83 @@ def set_cpu_threads(n: int | None = None) -> None:
     torch.set_num_threads(max(1, n))
 
 
-def setup_job_logging(log: logging.Logger) -> None:
-    """INFO logs of a job's logger on stderr, unless the application configured logging."""
-    import sys
-
+def setup_logging() -> None:
+    """INFO logs of ``leverlm.*`` on stderr (one line each), unless the application configured
+    logging itself."""
+    log = logging.getLogger("leverlm")
     log.setLevel(logging.INFO)
     if not log.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.propagate = False
+
+
+# Lightning's adverts for its cloud services, logged at INFO by every Trainer.
+_LIGHTNING_TIP = re.compile(r"💡 Tip: .*\[lit(logger|models)\]")
+# Raised by wandb because Lightning's WandbLogger always passes the deprecated setting.
+_WANDB_ANONYMOUS = re.compile(
+    r"(The anonymous setting|Deprecated setting 'anonymous') has no effect"
+)
+
+
+def _not_a_lightning_tip(record: logging.LogRecord) -> bool:
+    return not _LIGHTNING_TIP.match(record.getMessage())
+
+
+def _quiet_wandb(wandb: Any) -> None:
+    termwarn = wandb.termwarn
+    if getattr(termwarn, "quiet", False):
+        return
+
+    def quiet_termwarn(string: str, *args: Any, **kwargs: Any) -> None:
+        if not _WANDB_ANONYMOUS.match(string):
+            termwarn(string, *args, **kwargs)
+
+    quiet_termwarn.quiet = True  # type: ignore[attr-defined]
+    wandb.termwarn = quiet_termwarn
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Calls ``fix(module)`` right after the first import of the top-level module ``name``."""
+
+    def __init__(self, name: str, fix: Callable[[Any], None]) -> None:
+        self.name, self.fix = name, fix
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_then_fix(module: Any) -> None:
+                exec_module(module)
+                self.fix(module)
+
+            spec.loader.exec_module = exec_then_fix  # type: ignore[method-assign]
+        return spec
+
+
+def quiet_third_party() -> None:
+    """Silence known third-party noise, each by its exact message: Lightning's "💡 Tip" adverts
+    (litlogger, litmodels), torch's ``LeafSpec`` deprecation (raised inside Lightning) and
+    wandb's warning about the ``anonymous`` setting. Imports none of those libraries (wandb is
+    fixed when it is first imported); calling it again changes nothing."""
+    warnings.filterwarnings(
+        "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning
+    )
+    # Lightning's rank-zero helpers log through whichever of these they were last pointed at.
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning_utilities.core.rank_zero",
+    ):
+        logger = logging.getLogger(name)
+        if _not_a_lightning_tip not in logger.filters:
+            logger.addFilter(_not_a_lightning_tip)
+    if "wandb" in sys.modules:
+        _quiet_wandb(sys.modules["wandb"])
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport("wandb", _quiet_wandb))

@@ -218,7 +218,26 @@ def test_verify_detects_changed_bytes(tmp_path: Path) -> None:
     data = bytearray(shard.read_bytes())
     data[600] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(CollectionError, match="sha256"):
+    with pytest.raises(CollectionError, match="shard-000000.tar: its content does not match"):
+        Collection(path).verify()
+
+
+def test_verify_reads_a_verified_file_once(tmp_path: Path, monkeypatch) -> None:
+    import leverlm.data.collection as collection
+
+    path = _write(tmp_path / "c", 5)
+    read: list[str] = []
+    real = collection.sha256_file
+    monkeypatch.setattr(collection, "sha256_file", lambda p: read.append(Path(p).name) or real(p))
+    Collection(path).verify()
+    first = len(read)
+    Collection(path).verify()
+    assert first > 0 and len(read) == first  # every file's stamp still matches
+    shard = path / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF
+    shard.write_bytes(bytes(data))  # a new mtime: read again, and caught
+    with pytest.raises(CollectionError, match="shard-000000.tar"):
         Collection(path).verify()
 
 

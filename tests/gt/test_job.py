@@ -19,8 +19,8 @@ import pytest
 from helpers import ROOT
 from helpers.features import write_store
 
+from leverlm.cli import main as cli_main
 from leverlm.gt.data import read_gt
-from leverlm.gt.job import main
 from leverlm.gt.samplers import RandomSampler, select_anchors
 
 NUM_SAMPLES = 24
@@ -39,13 +39,13 @@ def _image(i: int) -> bytes:
     return buf.getvalue()
 
 
-def _collection(path: Path) -> Path:
+def _collection(path: Path, seed: int = 0) -> Path:
     from leverlm.data.collection import SampleRecord, write_collection
 
     colors = ["red", "green", "blue", "teal", "gray"]
     records = []
     for i in range(NUM_SAMPLES):
-        answer = colors[i % 5] if i % 3 else ("yes" if i % 2 else "no")
+        answer = colors[(i + seed) % 5] if i % 3 else ("yes" if i % 2 else "no")
         question = "What color is the shape?" if i % 3 else "Is there a circle?"
         fields = {
             "question_id": i,
@@ -102,7 +102,7 @@ progress_bar: false
 
 
 def _run(cfg: Path, out: Path, *extra: str) -> int:
-    return main(["predict", "--config", str(cfg), "--out", str(out), *extra])
+    return cli_main(["gt", "predict", "--config", str(cfg), "--out", str(out), *extra])
 
 
 def _bytes(out: Path) -> tuple[bytes, bytes]:
@@ -154,7 +154,7 @@ def test_rerun_of_a_finished_run_changes_nothing(world, tmp_path, caplog):
     parts = sorted(p.name for p in (out / "parts").iterdir())
     with caplog.at_level("INFO", logger="leverlm.gt"):
         assert _run(world.cfg, out) == 0
-    assert f"skipped {NUM_ANCHORS} anchors already done, 0 of 0 to do" in caplog.text
+    assert f"skipped {NUM_ANCHORS} anchors already done, 0 to do on this rank" in caplog.text
     assert sorted(p.name for p in (out / "parts").iterdir()) == parts
     assert _bytes(out) == _bytes(world.ref)
 
@@ -166,7 +166,7 @@ def test_merge_command_rebuilds_the_same_dataset(world, tmp_path, capsys):
     shutil.copytree(world.ref, out)
     (out / "records.jsonl").unlink()
     (out / "manifest.json").unlink()
-    assert main(["merge", "--out", str(out)]) == 0
+    assert cli_main(["gt", "merge", "--out", str(out)]) == 0
     assert _bytes(out) == _bytes(world.ref)
 
 
@@ -223,8 +223,8 @@ def test_two_process_ddp_equals_one_process(world, tmp_path):
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "rank 1: skipped 0 anchors already done, 5 of 11 to do" in res.stderr
-    assert "rank 0: skipped 0 anchors already done, 6 of 11 to do" in res.stderr
+    assert "rank 1: skipped 0 anchors already done, 5 to do on this rank" in res.stderr
+    assert "rank 0: skipped 0 anchors already done, 6 to do on this rank" in res.stderr
     ranks = {p.name.split("-")[0] for p in (out / "parts").glob("rank*.jsonl")}
     assert ranks == {"rank0", "rank1"}
     positions = [r["anchor_position"] for r in _part_records(out)]
@@ -269,7 +269,10 @@ def test_other_config_in_out_is_refused(world, capsys, no_model_load):
     parts = sorted(p.name for p in (world.ref / "parts").iterdir())
     assert _run(world.cfg, world.ref, "--data.seed", "7") == 2
     err = capsys.readouterr().err
-    assert "holds gt results of a different config" in err and "--overwrite" in err
+    assert (
+        "holds a `leverlm gt` run with other inputs or settings (config data.seed changed)" in err
+    )
+    assert "--overwrite" in err
     assert _bytes(world.ref) == before
     assert sorted(p.name for p in (world.ref / "parts").iterdir()) == parts
 
@@ -292,11 +295,11 @@ def test_progress_metrics_are_logged(world, tmp_path):
     assert len(metrics.read_text().splitlines()) == 1 + 3  # one row per anchor batch
 
 
-def test_limited_run_keeps_its_parts_and_a_rerun_finishes(world, tmp_path, caplog):
+def test_limited_run_keeps_its_parts_and_a_rerun_finishes(world, tmp_path, capsys):
     out = tmp_path / "limited"
-    with caplog.at_level("INFO", logger="leverlm.gt"):
-        assert _run(world.cfg, out, "--trainer.limit_predict_batches", "3") == 0
-    assert "8 of 11 anchors not done yet" in caplog.text
+    assert _run(world.cfg, out, "--trainer.limit_predict_batches", "3") == 3
+    err = capsys.readouterr().err
+    assert "error: 8 anchors of" in err and "rerun the same command" in err
     assert len(_part_records(out)) == 3 and not (out / "manifest.json").exists()
     assert _run(world.cfg, out) == 0
     assert _bytes(out) == _bytes(world.ref)
@@ -323,7 +326,7 @@ def _print_config(cfg: Path, capsys) -> dict:
     import yaml
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["predict", "--config", str(cfg), "--print_config"])
+        cli_main(["gt", "predict", "--config", str(cfg), "--print_config"])
     assert exit_info.value.code in (0, None)
     return yaml.safe_load(capsys.readouterr().out)
 
@@ -410,7 +413,7 @@ def test_demo_config_runs_with_the_default_logger(world, tmp_path):
     collection), wandb disabled."""
     import numpy as np
 
-    from leverlm.demo_models import lvlm_dir
+    from leverlm.demo import lvlm_dir
 
     out = tmp_path / "demo"
     assert os.environ.get("WANDB_MODE") == "disabled"
@@ -485,3 +488,82 @@ def test_cider_gain_scorer_in_the_job(world, stand_ins, tmp_path):
     assert all(len(r.sequences) == 2 for r in records)
     # CIDEr x100 differences, bounded by the CIDEr-D range.
     assert all(-1000.0 <= s <= 1000.0 for r in records for s in r.scores)
+
+
+@pytest.mark.parametrize("damage", ["shard byte", "manifest sha256"])
+def test_a_collection_changed_after_prep_is_refused(world, tmp_path, capsys, no_model_load, damage):
+    import shutil
+
+    coll = tmp_path / "coll"
+    shutil.copytree(world.coll, coll)
+    if damage == "shard byte":  # e.g. a label edited in place: same sizes, other content
+        shard = sorted(coll.glob("*.tar"))[0]
+        data = bytearray(shard.read_bytes())
+        data[700] ^= 0x01
+        shard.write_bytes(bytes(data))
+    else:
+        manifest = json.loads((coll / "manifest.json").read_text())
+        manifest["shards"][0]["sha256"] = "0" * 64
+        (coll / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "out"
+    assert _run(world.cfg, out, "--data.collection", str(coll)) == 2
+    err = capsys.readouterr().err
+    assert "shard-000000.tar: its content does not match the collection manifest" in err
+    assert not out.exists()
+
+
+def test_one_run_per_folder_and_a_dead_owners_lock_is_taken_over(world, tmp_path, capsys, caplog):
+    import socket
+
+    out = tmp_path / "locked"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"host": socket.gethostname(), "pid": sleeper.pid, "since": time.time()}
+        (out / "run.lock").write_text(json.dumps(lock))
+        assert _run(world.cfg, out) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by pid {sleeper.pid}" in err and "run.lock" in err
+        assert sorted(p.name for p in out.iterdir()) == ["run.lock"]  # nothing else written
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with caplog.at_level("WARNING", logger="leverlm.runs"):
+        assert _run(world.cfg, out, "--data.num_anchors", "2") == 0
+    assert f"its owner (pid {sleeper.pid}) is gone" in caplog.text
+    assert not (out / "run.lock").exists()  # released at the end
+
+
+def test_an_unwritable_out_is_refused_before_loading(world, tmp_path, capsys, no_model_load):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert _run(world.cfg, blocker / "out") == 2
+    assert "cannot write to" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changed", ["collection", "lvlm"])
+def test_a_rerun_whose_inputs_changed_is_refused(world, tmp_path, capsys, changed):
+    """Same paths, other content: never a gt dataset mixing two collections or two models."""
+    import shutil
+
+    from leverlm.lvlm.tiny import build_tiny
+
+    coll, lvlm = tmp_path / "coll", tmp_path / "lvlm"
+    shutil.copytree(world.coll, coll)
+    shutil.copytree(world.lvlm, lvlm)
+    out = tmp_path / "out"
+    args = ["--data.collection", str(coll), "--model.path", str(lvlm)]
+    assert _run(world.cfg, out, *args, "--trainer.limit_predict_batches", "2") == 3
+    parts = sorted(p.name for p in (out / "parts").iterdir())
+    if changed == "collection":
+        shutil.rmtree(coll)
+        _collection(coll, seed=1)
+    else:
+        shutil.rmtree(lvlm)
+        build_tiny("idefics", lvlm, seed=1)
+    capsys.readouterr()
+    assert _run(world.cfg, out, *args) == 2
+    err = capsys.readouterr().err
+    assert f"input '{changed}' (its content changed)" in err and "--overwrite" in err
+    assert sorted(p.name for p in (out / "parts").iterdir()) == parts
+    assert _run(world.cfg, out, *args, "--overwrite", "true") == 0

@@ -64,7 +64,7 @@ def feature_store(path: Path, collection: Path, seed: int) -> Path:
 
 def gt_dataset(path: Path, num_support: int) -> tuple[Path, list[int]]:
     """A merged gt dataset of 4 anchors; returns it and the best record's best sequence."""
-    from leverlm.gt.data import GtRecord, make_header, merge, prepare_out_dir, write_part
+    from leverlm.gt.data import GtRecord, write_gt
 
     records = [
         GtRecord("a0", 0, [[5, 9], [9, 5]], [0.25, 0.125], [[0.5, 0.25], [0.25, 0.125]]),
@@ -75,10 +75,8 @@ def gt_dataset(path: Path, num_support: int) -> tuple[Path, list[int]]:
     ]
     manifest = {"task": "vqa", "order": "left", "shots": 2, "beam_size": 2,
                 "supporting_set": {"num_samples": num_support}}  # fmt: skip
-    header = make_header({"test": True}, [r.anchor_position for r in records], manifest)
-    prepare_out_dir(path, header)
-    write_part(path, 0, 0, records)
-    merge(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_gt(path, records, {**manifest, "config": {"test": True}})
     return path, [7, 2]
 
 

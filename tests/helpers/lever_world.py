@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 
 from helpers.features import NO_COLLECTION_SHA256, write_store
@@ -140,3 +141,15 @@ def make_world(
         supporting_set_sha256=sha,
     )  # fmt: skip
     return World(gt, store, image, text, sequences, num_icds, Path(coll) if coll else None)
+
+
+class SlowEpochs(L.Callback):
+    """Sleeps after each training epoch (time to kill a run between its checkpoints)."""
+
+    def __init__(self, seconds: float = 1.5) -> None:
+        self.seconds = seconds
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        import time
+
+        time.sleep(self.seconds)

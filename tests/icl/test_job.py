@@ -23,7 +23,8 @@ import pytest
 from helpers import ROOT
 from helpers.eval_world import NUM_QUERIES, NUM_SUPPORT, build_world, feature_store
 
-from leverlm.icl.job import EvalDataModule, EvalModule, main
+from leverlm.cli import main as cli_main
+from leverlm.icl.job import EvalDataModule, EvalModule
 
 LIMIT = 10
 BATCH = 4
@@ -80,7 +81,7 @@ def world(tmp_path_factory):
 
 
 def _run(cfg: Path, out: Path, *extra: str) -> int:
-    return main(["test", "--config", str(cfg), "--out", str(out), *extra])
+    return cli_main(["eval", "predict", "--config", str(cfg), "--out", str(out), *extra])
 
 
 def _bytes(out: Path) -> dict[str, bytes]:
@@ -173,7 +174,7 @@ def test_manifest_and_report_values_recomputed_from_predictions(world):
     }  # fmt: skip
     assert manifest["num_queries"] == LIMIT and manifest["methods"] == METHODS
     assert manifest["config"]["data"]["retrievers"]["fixed"]["sequence"] == [7, 2]
-    assert len(manifest["config_sha256"]) == 64
+    assert len(manifest["run_sha256"]) == 64
 
     report = json.loads((world.ref / "report.json").read_text())
     preds = _predictions(world.ref)
@@ -239,7 +240,7 @@ def test_prompts_are_the_scorers_prompts_for_the_same_icds(world):
         batch_size=BATCH,
         num_workers=0,
     )
-    dm.setup("test")
+    dm.setup("predict")
     module = EvalModule(
         model_type="idefics", path=str(world.lvlm), task="vqa_idefics", dtype="float32"
     )
@@ -256,7 +257,7 @@ def test_prompts_are_the_scorers_prompts_for_the_same_icds(world):
     lvlm.encode_pairs = spy
     queries, support = Collection(world.queries), Collection(world.support)
     ref = {(p["query_key"], p["method"], p["shots"]): p for p in _predictions(world.ref)}
-    items = list(dm.test_dataloader())
+    items = list(dm.predict_dataloader())
     assert len(items) == 2 * 3  # 3 batches of <= 4 queries x 2 methods
     for item in items:
         seen.clear()
@@ -292,7 +293,7 @@ def _wait_for(pattern: str, folder: Path, proc: subprocess.Popen, timeout: float
 
 def test_resume_after_sigkill_is_byte_identical(world, tmp_path, caplog):
     out = tmp_path / "killed"
-    cmd = [LEVERLM, "eval", "test", "--config", str(world.cfg), "--out", str(out)]
+    cmd = [LEVERLM, "eval", "predict", "--config", str(world.cfg), "--out", str(out)]
     proc = subprocess.Popen(
         [*cmd, "--part_size", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -318,14 +319,14 @@ def test_resume_after_sigkill_is_byte_identical(world, tmp_path, caplog):
 def test_two_process_ddp_equals_one_process(world, tmp_path):
     out = tmp_path / "ddp"
     cmd = [
-        LEVERLM, "eval", "test", "--config", str(world.cfg), "--out", str(out),
+        LEVERLM, "eval", "predict", "--config", str(world.cfg), "--out", str(out),
         "--trainer.devices", "2", "--trainer.strategy", "ddp",
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    # 3 batches x 22 (method, shots) = 66 work items dealt round-robin
-    assert "rank 0: skipped 0 predictions already done, 33 work items" in res.stderr
-    assert "rank 1: skipped 0 predictions already done, 33 work items" in res.stderr
+    # 3 query batches (4 + 4 + 2 queries) x 22 (method, shots), whole batches dealt round-robin
+    assert "rank 0: skipped 0 predictions already done, 132 to do on this rank" in res.stderr
+    assert "rank 1: skipped 0 predictions already done, 88 to do on this rank" in res.stderr
     ranks = {p.name.split("-")[0] for p in (out / "parts").glob("rank*.jsonl")}
     assert ranks == {"rank0", "rank1"}
     assert _bytes(out) == _bytes(world.ref)
@@ -357,7 +358,7 @@ def test_rerun_of_a_finished_run_loads_no_model_and_keeps_the_bytes(world, tmp_p
     shutil.copytree(world.ref, tmp_path / "merged")
     for name in RESULT_FILES:
         (tmp_path / "merged" / name).unlink()
-    assert main(["merge", "--out", str(tmp_path / "merged"), "--trained_shots", "2"]) == 0
+    assert cli_main(["eval", "merge", "--out", str(tmp_path / "merged")]) == 0
     assert _bytes(tmp_path / "merged") == before
 
 
@@ -448,7 +449,8 @@ def test_other_config_in_out_is_refused(world, capsys, no_model_load):
     parts = sorted(p.name for p in (world.ref / "parts").iterdir())
     assert _run(world.cfg, world.ref, "--data.seed", "7") == 2
     err = capsys.readouterr().err
-    assert "holds eval results of a different config" in err and "--overwrite" in err
+    assert "holds a `leverlm eval` run with other inputs or settings (config data.seed" in err
+    assert "--overwrite" in err
     assert _bytes(world.ref) == before
     assert sorted(p.name for p in (world.ref / "parts").iterdir()) == parts
 
@@ -477,9 +479,9 @@ def test_dataloader_workers_yield_each_item_once(world):
         batch_size=BATCH,
         num_workers=2,
     )
-    dm.setup("test")
+    dm.setup("predict")
     assert len(dm.items) == 3 * 3
-    loader = dm.test_dataloader()
+    loader = dm.predict_dataloader()
     assert isinstance(loader, torch.utils.data.DataLoader) and loader.num_workers == 2
     got = sorted((b["batch"], b["method"], b["shots"], len(b["queries"])) for b in loader)
     assert got == sorted((it.batch, it.method, it.shots, len(it.rows)) for it in dm.items)
@@ -488,7 +490,9 @@ def test_dataloader_workers_yield_each_item_once(world):
     dm.skip({(k, "random", 2) for k in dm.query_keys[:2]})  # half of batch 0
     assert [it.rows for it in dm.items if it.method == "random" and it.shots == 2][0] == (2, 3)
     dm.rank, dm.world_size = 1, 2
-    assert [it.batch for it in dm.rank_items] == [it.batch for it in dm.items[1::2]]
+    assert [it.batch for it in dm.rank_items] == [1, 1, 1]  # whole batches, round-robin
+    dm.rank = 0
+    assert [it.batch for it in dm.rank_items] == [0, 0, 0, 2, 2, 2]
 
 
 # ------------------------------------------------------------------------------ configs
@@ -505,7 +509,7 @@ CONFIGS = {
 def test_shipped_configs_parse_with_the_papers_settings(name, capsys):
     root = ROOT
     with pytest.raises(SystemExit) as exit_:
-        main(["test", "--config", str(root / name), "--print_config"])
+        cli_main(["eval", "predict", "--config", str(root / name), "--print_config"])
     assert exit_.value.code in (0, None)
     import yaml
 
@@ -521,7 +525,7 @@ def test_shipped_configs_parse_with_the_papers_settings(name, capsys):
 
 def test_demo_config_runs_on_tiny_data(world, tmp_path):
     """The demo config (committed demo LVLM, vqa_nonce) on the tiny world runs end to end."""
-    from leverlm.demo_models import lvlm_dir
+    from leverlm.demo import lvlm_dir
     from leverlm.tasks import NonceAnswers
 
     root = ROOT
@@ -535,19 +539,7 @@ def test_demo_config_runs_on_tiny_data(world, tmp_path):
         "--model.path", str(lvlm_dir()), "--data.limit", "3", "--data.shots", "[1, 8]",
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
-    assert (
-        main(
-            [
-                "test",
-                "--config",
-                str(root / "conf/eval/easyvqa_tiny.yaml"),
-                "--out",
-                str(out),
-                *args,
-            ]
-        )
-        == 0
-    )
+    assert _run(root / "conf/eval/easyvqa_tiny.yaml", out, *args) == 0
     preds = _predictions(out)
     assert len(preds) == 3 * (1 + 8 * 2)  # zero-shot once, 8 methods x 2 shot counts
     assert json.loads((out / "manifest.json").read_text())["trained_shots"] == 2

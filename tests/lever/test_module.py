@@ -13,6 +13,7 @@ import yaml
 from helpers import ROOT
 from helpers.lever_world import World, make_world, write_store
 
+from leverlm.encoders.store import FeatureStoreError
 from leverlm.lever.module import main as train_main
 from leverlm.utils import sha256_file
 
@@ -103,7 +104,8 @@ def trained(world, tmp_path_factory):
     args = [
         "--config", str(demo), "--data.gt_dir", str(world.gt_dir), "--data.support_features",
         str(world.store_dir), "--trainer.max_epochs", "3", "--data.batch_size", "8",
-        "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
+        "--out", str(out), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir", str(out),
         "--trainer.enable_progress_bar", "false", "--model.n_embd", "32", "--model.n_head", "2",
     ]  # fmt: skip
     assert train_main(["fit", *args]) == 0
@@ -190,10 +192,10 @@ def test_select_cli_writes_keys_and_positions_atomically(trained, world, tmp_pat
         last,
         "--queries",
         str(world.collection),
-        "--query-features",
+        "--query_features",
         str(world.store_dir),
     ]
-    assert select_main([*args, "--shots", "3", "--out", str(out), "--exclude-self"]) == 0
+    assert select_main([*args, "--shots", "3", "--out", str(out), "--exclude_self"]) == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     keys = Collection(world.collection).keys
     assert [x["query_key"] for x in lines] == keys
@@ -208,7 +210,7 @@ def test_select_cli_writes_keys_and_positions_atomically(trained, world, tmp_pat
         select_main([*args, "--shots", "0", "--out", str(out)])
     # a store of another collection, told apart by the collection's manifest sha256
     short = write_store(tmp_path / "short", world.image[:5], world.text[:5])
-    with pytest.raises(SystemExit, match="--query-features: feature store .* was built for"):
+    with pytest.raises(FeatureStoreError, match="--query_features: feature store .* was built for"):
         select_main([*args[:-1], str(short), "--shots", "2", "--out", str(out)])
     with pytest.raises(SystemExit, match="does not exist"):
         select_main(["--ckpt", last + ".missing", *args[2:], "--shots", "2", "--out", str(out)])
@@ -221,7 +223,7 @@ def test_validation_table_for_wandb(world, tmp_path, monkeypatch):
     from lightning.pytorch.loggers import WandbLogger
 
     from leverlm.lever.data import LeverLMDataModule
-    from leverlm.lever.module import AutoWandbLogger, LeverLMModule
+    from leverlm.lever.module import LeverLMModule
 
     logged = []
     monkeypatch.setattr(
@@ -237,7 +239,8 @@ def test_validation_table_for_wandb(world, tmp_path, monkeypatch):
         support_features=dm.support_features_path, supporting_set=dm.supporting_set_path,
     )  # fmt: skip
     trainer = L.Trainer(
-        max_epochs=1, logger=AutoWandbLogger(save_dir=str(tmp_path)), enable_checkpointing=False,
+        max_epochs=1, logger=WandbLogger(save_dir=str(tmp_path), offline=True),
+        enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=str(tmp_path),
     )  # fmt: skip
@@ -266,7 +269,7 @@ def test_trainable_clip_updates_clip_and_selects_with_it(world, tmp_path, monkey
         "--model.icd_features", "[image]", "--model.normalize", "true", "--model.n_embd", "32",
         "--model.n_head", "2", "--model.lr", "1e-3", "--model.warmup_ratio", "0.0",
         "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--data.batch_size", "4",
-        "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger", "false", "--out", str(tmp_path),
         "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
     ]  # fmt: skip
     assert train_main(args) == 0
@@ -304,3 +307,61 @@ def test_trainable_clip_updates_clip_and_selects_with_it(world, tmp_path, monkey
     )
     assert [x["icd_positions"] for x in lines] == lm.select(feats, shots=3)
     assert np.isfinite(feats["image"].numpy()).all()
+
+
+def _last_weights(out: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return ckpt["state_dict"]
+
+
+def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_weights(world, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    demo = ROOT / "experiments/easyvqa/lever_demo.yaml"
+    args = [
+        "--config", str(demo), "--data.gt_dir", str(world.gt_dir), "--data.support_features",
+        str(world.store_dir), "--trainer.max_epochs", "4", "--data.batch_size", "4",
+        "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+        "--model.n_embd", "32", "--model.n_head", "2", "--model.dropout", "0.2",
+    ]  # fmt: skip
+    assert train_main(["fit", *args, "--out", str(tmp_path / "whole")]) == 0
+
+    out = tmp_path / "killed"
+    leverlm = str(Path(sys.executable).with_name("leverlm"))
+    slow = ["--trainer.callbacks+=helpers.lever_world.SlowEpochs"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), *sys.path])}
+    proc = subprocess.Popen(
+        [leverlm, "train", "fit", *args, *slow, "--out", str(out)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    last = out / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert last.exists(), "the run died before its first checkpoint"
+    epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    assert epoch < 3, "the kill came too late to test a resume"
+
+    # the same command again: it resumes (callbacks do not name the run) and ends where an
+    # uninterrupted run ends, with one last.ckpt
+    assert train_main(["fit", *args, "--out", str(out)]) == 0
+    whole, resumed = _last_weights(tmp_path / "whole"), _last_weights(out)
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=0)
+    assert not list((out / "checkpoints").glob("last-v*.ckpt"))
+
+
+def test_another_config_in_the_run_folder_is_refused(trained, capsys):
+    from leverlm.cli import main as cli_main
+
+    out, _, args = trained
+    assert cli_main(["train", "fit", *args, "--model.lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a `leverlm train` run with other inputs or settings (config model.lr" in err

@@ -12,25 +12,21 @@ import torch
 from helpers.easyvqa import easyvqa_sample, easyvqa_samples
 
 from leverlm.data.prep.easyvqa import prep_easyvqa
-from leverlm.demo_models import (
-    ASSET_DIR,
-    CLIP_MODEL,
-    LVLM_TYPE,
-    TASK,
-    clip_checkpoint,
-    lvlm_dir,
-)
-from leverlm.demo_models import common as common_mod
-from leverlm.demo_models.cli import main
-from leverlm.demo_models.clip import (
+from leverlm.demo import ASSET_DIR, clip_checkpoint, lvlm_dir
+from leverlm.encoders.clip import TINY_CLIP
+from leverlm.tasks import EASYVQA_ANSWERS, NONCE_WORDS, NonceAnswers, get_task
+from tools.demo_models import LVLM_TYPE, TASK
+from tools.demo_models import common as common_mod
+from tools.demo_models.cli import main
+from tools.demo_models.clip import (
     COLORS,
     FULL_CAPTIONS,
     SHAPES,
     caption_aware_loss,
     retrieval_metrics,
 )
-from leverlm.demo_models.data import DemoModelsError, draw_icds, load_vqa
-from leverlm.demo_models.lvlm import (
+from tools.demo_models.data import DemoModelsError, draw_icds, load_vqa
+from tools.demo_models.lvlm import (
     EpisodeBatcher,
     LVLMArch,
     LVLMTrainConfig,
@@ -40,7 +36,6 @@ from leverlm.demo_models.lvlm import (
     forward_logits,
     train_lvlm,
 )
-from leverlm.tasks import EASYVQA_ANSWERS, NONCE_WORDS, NonceAnswers, get_task
 
 # A very small demo LVLM: the code paths of the real one in milliseconds.
 SMALL = LVLMArch(
@@ -234,9 +229,9 @@ def test_cli_smoke_all(data_dir, tmp_path) -> None:
 
     out, work = tmp_path / "out", tmp_path / "work"
     argv = ["all", "--out", str(out), "--data", str(data_dir), "--work", str(work)]
-    argv += ["--steps", "3", "--eval-queries", "4", "--val-episodes", "4", "--threads", "1"]
+    argv += ["--steps", "3", "--eval_queries", "4", "--val_episodes", "4", "--threads", "1"]
     assert main(argv) == 0
-    clip = load_clip(CLIP_MODEL, str(clip_checkpoint(out)))
+    clip = load_clip(TINY_CLIP, str(clip_checkpoint(out)))
     assert clip.encode_texts(["a red circle"]).shape == (1, clip.dim)
     metrics = json.loads((clip_checkpoint(out).parent / "metrics.json").read_text())
     assert 0 <= metrics["test"]["image_to_caption_top1"] <= 1 and metrics["config"]["steps"] == 3
@@ -278,7 +273,7 @@ def test_committed_clip_matches_images_to_their_captions() -> None:
 
     from leverlm.encoders.clip import load_clip
 
-    clip = load_clip(CLIP_MODEL, str(clip_checkpoint()), normalize=True)
+    clip = load_clip(TINY_CLIP, str(clip_checkpoint()), normalize=True)
     questions, answers, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
     # images whose colour and shape the "what color/what shape" questions state

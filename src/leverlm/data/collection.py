@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from leverlm.errors import LeverError
-from leverlm.utils import atomic_replace_dir, fsync_dir, sha256_file
+from leverlm.utils import atomic_replace_dir, atomic_write_json, fsync_dir, sha256_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -101,25 +101,33 @@ def encode_fields(fields: dict[str, Any]) -> bytes:
     return json.dumps(fields, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes into an RGB PIL image (fully loaded)."""
+def decode_image(data: bytes, what: str = "image") -> Image.Image:
+    """Decode encoded image bytes into an RGB PIL image (fully loaded); a damaged or
+    truncated image raises :class:`CollectionError` naming ``what``."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as err:
+        raise CollectionError(f"{what}: the image cannot be decoded ({err})") from None
 
 
 def make_sample(
-    key: str, position: int, image: bytes, json_bytes: bytes, decode: bool = True
+    key: str, position: int, image: bytes, json_bytes: bytes, decode: bool = True, where: str = ""
 ) -> dict[str, Any]:
-    """The sample dict shared by random access and streaming.
+    """The sample dict shared by random access and streaming (``where``: its shard, for errors).
 
     ``decode=False`` keeps the encoded image under ``image_bytes`` instead of ``image``.
     """
-    fields = json.loads(json_bytes)
+    what = f"{where + ': ' if where else ''}sample {key!r}"
+    try:
+        fields = json.loads(json_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CollectionError(f"{what}: its json fields cannot be read ({err})") from None
     sample: dict[str, Any] = {"__key__": key, "position": position}
     if decode:
-        sample["image"] = decode_image(image)
+        sample["image"] = decode_image(image, what)
     else:
         sample["image_bytes"] = image
     sample.update(fields)
@@ -135,6 +143,14 @@ def _fsync_close(fh: Any) -> None:
     fh.flush()
     os.fsync(fh.fileno())
     fh.close()
+
+
+def check_shard_limits(shard_samples: int, shard_bytes: int) -> None:
+    """The most samples (>= 1) and bytes (>= 1024) per shard, or CollectionError."""
+    if shard_samples < 1:
+        raise CollectionError(f"shard_samples must be >= 1, got {shard_samples}")
+    if shard_bytes < 1024:
+        raise CollectionError(f"shard_bytes must be >= 1024, got {shard_bytes}")
 
 
 def folder_state(path: str | os.PathLike) -> str:
@@ -320,10 +336,7 @@ class CollectionWriter:
     ) -> None:
         if task not in TASK_FIELDS:
             raise CollectionError(f"unknown task {task!r} (known: {sorted(TASK_FIELDS)})")
-        if shard_samples < 1:
-            raise CollectionError(f"shard_samples must be >= 1, got {shard_samples}")
-        if shard_bytes < 1024:
-            raise CollectionError(f"shard_bytes must be >= 1024, got {shard_bytes}")
+        check_shard_limits(shard_samples, shard_bytes)
         if not name or "/" in name:
             raise CollectionError(f"invalid collection name {name!r}")
         self.out_dir = Path(out_dir)
@@ -782,7 +795,7 @@ class Collection:
 
     def image(self, pos: int) -> Image.Image:
         """The decoded RGB image of a sample."""
-        return decode_image(self.image_bytes(pos))
+        return decode_image(self.image_bytes(pos), f"{self.path}: sample {self.keys[pos]!r}")
 
     def sample(self, pos: int, decode: bool = True) -> dict[str, Any]:
         """The full sample dict (``decode=False``: ``image_bytes`` instead of ``image``)."""
@@ -790,7 +803,8 @@ class Collection:
         shard = int(row["shard"])
         image = self._pread(shard, int(row["image_offset"]), int(row["image_size"]))
         js = self._pread(shard, int(row["json_offset"]), int(row["json_size"]))
-        return make_sample(self.keys[pos], int(pos), image, js, decode=decode)
+        where = str(self.path / self.manifest["shards"][shard]["file"])
+        return make_sample(self.keys[pos], int(pos), image, js, decode, where)
 
     def __getitem__(self, pos: int) -> dict[str, Any]:
         return self.sample(pos)
@@ -803,13 +817,57 @@ class Collection:
         """Shard files in manifest order."""
         return [self.path / s["file"] for s in self.manifest["shards"]]
 
-    def verify(self) -> None:
-        """Check every file's sha256 against the manifest (slow: reads everything)."""
+    def verify(self, cache: bool = True) -> None:
+        """Check every file's sha256 against the manifest, naming the first that differs.
+
+        With ``cache``, a file whose checksum matched once is not read again while its path,
+        size and mtime stay the same (a stamp under ``$XDG_CACHE_HOME/leverlm``): a job pays
+        for reading a collection once, not on every run.
+        """
         m = self.manifest
-        entries = [*m["shards"], m["index"], m["keys"]]
-        for entry in entries:
-            digest = sha256_file(self.path / entry["file"])
+        stamps = _VerifiedStamps() if cache else None
+        for entry in [*m["shards"], m["index"], m["keys"]]:
+            path = self.path / entry["file"]
+            if stamps is not None and stamps.known(path, entry["sha256"]):
+                continue
+            digest = sha256_file(path)
             if digest != entry["sha256"]:
                 raise CollectionError(
-                    f"{self.path / entry['file']}: sha256 {digest} != {entry['sha256']} in manifest"
+                    f"{path}: its content does not match the collection manifest (sha256 "
+                    f"{digest[:12]}... != {str(entry['sha256'])[:12]}...): the shard was changed or "
+                    "damaged after `leverlm prep`; prepare the collection again"
                 )
+            if stamps is not None:
+                stamps.add(path, entry["sha256"])
+        if stamps is not None:
+            stamps.save()
+
+
+class _VerifiedStamps:
+    """Files whose sha256 matched their manifest: ``realpath -> [size, mtime_ns, sha256]``."""
+
+    def __init__(self) -> None:
+        root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        self.path = Path(root) / "leverlm" / "verified-files.json"
+        try:
+            self.stamps: dict[str, list] = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.stamps = {}
+        self.dirty = False
+
+    @staticmethod
+    def _stat(path: Path) -> list:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns]
+
+    def known(self, path: Path, sha256: str) -> bool:
+        return self.stamps.get(os.path.realpath(path)) == [*self._stat(path), sha256]
+
+    def add(self, path: Path, sha256: str) -> None:
+        self.stamps[os.path.realpath(path)] = [*self._stat(path), sha256]
+        self.dirty = True
+
+    def save(self) -> None:
+        if self.dirty:
+            with contextlib.suppress(OSError):  # a read-only home: verify again next time
+                atomic_write_json(self.path, self.stamps)

@@ -11,6 +11,7 @@ own training step; inference jobs wrap them in ``torch.inference_mode`` themselv
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -193,6 +194,13 @@ class ClipEncoder(nn.Module):
         return self.encode_tokens(self.tokenize(texts))
 
 
+def _not_a_random_init_warning(record: logging.LogRecord) -> bool:
+    # open_clip warns (on the root logger) whenever it loaded no weights itself; without a
+    # checkpoint that is what was asked for (warned about below where it matters) or the
+    # weights come next, from a Lever-LM checkpoint.
+    return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
 def load_clip(
     model_name: str,
     pretrained: str | None = None,
@@ -230,21 +238,19 @@ def load_clip(
             if tag_cfg.get(key) is not None:
                 kwargs[arg] = tag_cfg[key]
     # A fixed seed for the random init, without disturbing the caller's RNG state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
+    root = logging.getLogger()
+    root.addFilter(_not_a_random_init_warning)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
             model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name,
-                pretrained=checkpoint,
-                precision=precision,
-                device=device,
-                **kwargs,
+                model_name, pretrained=checkpoint, precision=precision, device=device, **kwargs
             )
-        except (RuntimeError, KeyError, ValueError) as err:
-            where = f" from checkpoint {checkpoint!r}" if checkpoint else ""
-            raise EncoderError(
-                f"cannot build open_clip model {model_name!r}{where}: {err}"
-            ) from err
+    except (RuntimeError, KeyError, ValueError) as err:
+        where = f" from checkpoint {checkpoint!r}" if checkpoint else ""
+        raise EncoderError(f"cannot build open_clip model {model_name!r}{where}: {err}") from err
+    finally:
+        root.removeFilter(_not_a_random_init_warning)
     model.eval()
     if checkpoint is None and model_name != TINY_CLIP:
         warnings.warn(

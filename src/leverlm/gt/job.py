@@ -1,41 +1,27 @@
-"""``leverlm gt``: ground-truth ICD sequences as a Lightning predict job.
+"""``leverlm gt``: ground-truth ICD sequences, a job on the run layer (:mod:`leverlm.runs`).
 
 ``leverlm gt predict --config conf/gt/easyvqa_tiny.yaml --out runs/gt/easyvqa`` runs
 :class:`GtModule` (LVLM + beam search) over :class:`GtDataModule` (anchors of the train
-collection with their candidate sets) with :class:`GtWriter` writing each rank's records as
-atomic part files, and merges them into a gt dataset (see :mod:`leverlm.gt.data`) at the end.
-``leverlm gt merge --out DIR`` merges on its own. On several nodes, ``--out`` must be on a
-filesystem every node sees (rank 0 merges what all ranks wrote); otherwise gather the
-``parts/`` folders into one and run ``leverlm gt merge``.
+collection with their candidate sets); each rank's records go to atomic part files, merged into
+a gt dataset (:mod:`leverlm.gt.data`) at the end. ``leverlm gt merge --out DIR`` merges on its
+own. On several nodes ``--out`` must be on a filesystem every node sees.
 
 Overrides work as in any LightningCLI: ``--trainer.devices 8 --trainer.num_nodes 2
 --data.num_anchors 5000 --model.beam_size 5``; ``--print_config`` shows the resolved config.
-
-Resume: rerunning the same command skips the anchors already in ``OUT/parts`` and finishes the
-rest; the merged dataset is byte-identical to an uninterrupted run. The config hash covers the
-``data`` and ``model`` sections only (what determines the records), so a rerun may change the
-number of devices, the logger or the progress settings.
-
-Bad configs (impossible beam/candidate sizes, a missing collection, LVLM folder or feature
-file, an output folder holding another config's results) are refused before the LVLM loads.
+A rerun of the same command resumes (the merged dataset is byte-identical to an uninterrupted
+run); the run is named by the ``data`` and ``model`` sections and the content of its inputs,
+so devices, logger and progress settings may change between reruns.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
-import time
-import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from leverlm.errors import LeverError
 from leverlm.gt.beam import (
@@ -46,19 +32,9 @@ from leverlm.gt.beam import (
     check_beam_config,
     infoscore_scorer,
 )
-from leverlm.gt.data import (
-    GtDataError,
-    GtRecord,
-    check_out_dir,
-    done_positions,
-    make_header,
-    merge,
-    next_part_seq,
-    prepare_out_dir,
-    write_part,
-)
+from leverlm.gt.data import GtDataError, GtRecord, write_gt
 from leverlm.gt.samplers import SAMPLERS, SamplerError, build_sampler, select_anchors, split_counts
-from leverlm.utils import setup_job_logging, sha256_file
+from leverlm.runs import Job, RunDir, RunHeader, input_fingerprint, read_jsonl_parts, run_job
 
 log = logging.getLogger("leverlm.gt")
 
@@ -193,6 +169,10 @@ class GtDataModule(pl.LightningDataModule):
     def skip(self, done: set[int]) -> None:
         """Leave out anchors already finished (by an earlier, interrupted run)."""
         self._done = set(done)
+
+    @property
+    def rank_count(self) -> int:
+        return len(self.rank_anchors)
 
     @property
     def todo(self) -> list[int]:
@@ -331,185 +311,18 @@ class GtModule(pl.LightningModule):
         return {"records": records, "scores": scores}
 
 
-# -- callbacks ------------------------------------------------------------------------------
-
-
-class GtWriter(BasePredictionWriter):
-    """Writes each rank's records as atomic part files; rank 0 merges at the end.
-
-    In ``setup`` (every rank, before any prediction): rank 0 prepares ``out`` (refusing or,
-    with ``overwrite``, deleting another config's results) and writes the run header; after a
-    barrier every rank reads the finished anchors and tells the datamodule to skip them.
-    """
-
-    def __init__(self, out: str, header: dict[str, Any], overwrite: bool = False) -> None:
-        super().__init__(write_interval="batch")
-        self.out, self.header, self.overwrite = Path(out), header, overwrite
-        self.seq = 0
-        self.written = 0
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if trainer.is_global_zero:
-            status = prepare_out_dir(self.out, self.header, self.overwrite)
-            log.info("gt output %s: %s", self.out, status)
-        trainer.strategy.barrier("gt-prepare-out")
-        done = done_positions(self.out) & set(self.header["anchors"])
-        dm = trainer.datamodule
-        if isinstance(dm, GtDataModule):
-            dm.skip(done)
-            log.info(
-                "rank %d: skipped %d anchors already done, %d of %d to do on this rank",
-                trainer.global_rank,
-                len(done),
-                len(dm.rank_anchors),
-                len(dm.todo),
-            )
-        self.seq = next_part_seq(self.out, trainer.global_rank)
-
-    def write_on_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        prediction: Any,
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        records = prediction["records"]
-        if not records:
-            return
-        write_part(self.out, trainer.global_rank, self.seq, records)
-        self.seq += 1
-        self.written += len(records)
-
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        log.info("rank %d: wrote %d records", trainer.global_rank, self.written)
-        trainer.strategy.barrier("gt-merge")
-        if not trainer.is_global_zero:
-            return
-        missing = set(self.header["anchors"]) - done_positions(self.out)
-        if missing:
-            # e.g. limit_predict_batches / fast_dev_run: what was done is kept for a rerun.
-            log.warning(
-                "%d of %d anchors not done yet; rerun the same command to finish and merge",
-                len(missing),
-                len(self.header["anchors"]),
-            )
-            return
-        merge(self.out)
-        log.info("gt dataset written to %s", self.out)
-
-
-def _summary(values: Sequence[float]) -> dict[str, float]:
-    import numpy as np
-
-    arr = np.asarray(values, dtype=np.float64)
-    q10, q50, q90 = np.quantile(arr, [0.1, 0.5, 0.9])
-    return {
-        "mean": float(arr.mean()),
-        "std": float(arr.std()),
-        "min": float(arr.min()),
-        "max": float(arr.max()),
-        "p10": float(q10),
-        "p50": float(q50),
-        "p90": float(q90),
-    }
-
-
-class GtProgress(Callback):
-    """Rank 0: a progress bar in anchors (anchors/s, ETA) and throughput + score stats logged.
-
-    Logged per batch: ``gt/anchors_per_s``, ``gt/anchors_done`` and the distribution of every
-    candidate score computed (``gt/score_mean|std|min|max|p10|p50|p90``; a histogram too when
-    the logger is wandb).
-    """
-
-    def __init__(self, enable_bar: bool = True) -> None:
-        self.enable_bar = enable_bar
-        self.bar: Any = None
-        self.done = 0
-        self.start = 0.0
-
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.done, self.start = 0, time.perf_counter()
-        if not trainer.is_global_zero or not self.enable_bar:
-            return
-        from tqdm.auto import tqdm
-
-        dm = trainer.datamodule
-        total = len(dm.rank_anchors) if isinstance(dm, GtDataModule) else None
-        desc = "gt anchors" + (" (rank 0)" if trainer.world_size > 1 else "")
-        self.bar = tqdm(total=total, desc=desc, unit="anchor", dynamic_ncols=True)
-
-    @property
-    def anchors_per_s(self) -> float:
-        elapsed = time.perf_counter() - self.start
-        return self.done / elapsed if elapsed > 0 else 0.0
-
-    def on_predict_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        n = len(outputs["records"])
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        if not trainer.is_global_zero or not trainer.loggers:
-            return
-        metrics = {"gt/anchors_per_s": self.anchors_per_s, "gt/anchors_done": float(self.done)}
-        scores = outputs.get("scores") or []
-        if scores:
-            metrics |= {f"gt/score_{k}": v for k, v in _summary(scores).items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=self.done)
-            if type(logger).__name__ == "WandbLogger" and scores:
-                import wandb
-
-                hist = wandb.Histogram(scores)
-                logger.experiment.log({"gt/score_hist": hist, "trainer/global_step": self.done})
-
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        log.info(
-            "rank %d: %d anchors in %.1fs (%.3f anchors/s)",
-            trainer.global_rank,
-            self.done,
-            time.perf_counter() - self.start,
-            self.anchors_per_s,
-        )
-
-
 # -- planning: validate everything before any model loads -----------------------------------
-
-
-@dataclass
-class GtPlan:
-    """What a run will do: the header of its parts folder and the status of ``out``."""
-
-    header: dict[str, Any]
-    status: str
 
 
 def _abspath(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
-def plan_run(
-    data: dict[str, Any], model: dict[str, Any], out: str | None, overwrite: bool = False
-) -> GtPlan:
+def plan_run(data: dict[str, Any], model: dict[str, Any]) -> RunHeader:
     """Check a gt config and build its run header; raises naming the bad value.
 
-    Reads only small files (the collection manifest, ``.npy`` headers, the output folder's
-    run header); loads no model.
+    Reads only small files (the collection manifest, ``.npy`` headers) and fingerprints the
+    inputs; loads no model.
     """
     from leverlm.data.collection import CollectionError, read_manifest
     from leverlm.lvlm.base import (
@@ -521,8 +334,6 @@ def plan_run(
     )
     from leverlm.tasks import TaskError, get_task
 
-    if not out:
-        raise GtConfigError("no output folder: pass --out DIR")
     data, model = dict(data), dict(model)
     try:
         coll_manifest = read_manifest(data["collection"])
@@ -611,157 +422,98 @@ def plan_run(
             "path": data["collection"],
             "name": coll_manifest["name"],
             "num_samples": n,
-            "manifest_sha256": sha256_file(Path(data["collection"]) / "manifest.json"),
+            "manifest_sha256": _manifest_sha(data["collection"]),
         },
         "lvlm": {"model_type": model["model_type"], "path": model["path"], "dtype": model["dtype"]},
     }
-    header = make_header(config, anchors, manifest)
-    try:
-        status = check_out_dir(out, header["config_sha256"], overwrite)
-    except GtDataError as err:
-        raise GtConfigError(str(err)) from err
-    return GtPlan(header, status)
+    inputs = {"collection": input_fingerprint(data["collection"])}
+    if is_local_path(model["path"]):
+        inputs["lvlm"] = input_fingerprint(model["path"])
+    if data.get("support_features"):
+        inputs["support_features"] = input_fingerprint(data["support_features"])
+    return RunHeader("gt", config, inputs, anchors, manifest)
 
 
-# -- CLI ------------------------------------------------------------------------------------
+def _manifest_sha(collection: str) -> str:
+    from leverlm.utils import sha256_file
+
+    return sha256_file(Path(collection) / "manifest.json")
 
 
-class GtCLI(LightningCLI):
-    """LightningCLI with only ``predict``, an ``--out``/``--overwrite`` pair and early checks."""
+# -- the job ----------------------------------------------------------------------------------
 
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {"predict": {"model", "dataloaders", "datamodule"}}
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--out", type=str | None, default=None, help="gt dataset folder")
-        parser.add_argument(
-            "--overwrite",
-            type=bool,
-            default=False,
-            help="delete earlier results in --out (of any config) and start over, instead of "
-            "resuming (same config) or refusing (another config)",
-        )
-        parser.add_argument(
-            "--progress_bar", type=bool, default=True, help="anchors/s progress bar on rank 0"
-        )
-        parser.add_argument(
-            "--cpu_threads",
-            type=int | None,
-            default=None,
-            help="torch intra-op CPU threads (default: torch's choice); 1 suits tiny models",
-        )
-        parser.set_defaults({"trainer.enable_progress_bar": False})
+def _summary(values: Sequence[float]) -> dict[str, float]:
+    import numpy as np
 
-    def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand]
-        if cfg["cpu_threads"] is not None:
-            if cfg["cpu_threads"] < 1:
-                raise GtConfigError(f"cpu_threads={cfg['cpu_threads']} must be >= 1")
-            torch.set_num_threads(cfg["cpu_threads"])
-        self.plan = plan_run(
-            cfg["data"].as_dict(), cfg["model"].as_dict(), cfg["out"], cfg["overwrite"]
-        )
-        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
-            log.info(
-                "gt: %d anchors, config %s..., output %s (%s)",
-                len(self.plan.header["anchors"]),
-                self.plan.header["config_sha256"][:12],
-                cfg["out"],
-                self.plan.status,
+    arr = np.asarray(values, dtype=np.float64)
+    q10, q50, q90 = np.quantile(arr, [0.1, 0.5, 0.9])
+    stats = {"mean": arr.mean(), "std": arr.std(), "min": arr.min(), "max": arr.max(),
+             "p10": q10, "p50": q50, "p90": q90}  # fmt: skip
+    return {f"gt/score_{k}": float(v) for k, v in stats.items()}
+
+
+class GtJob(Job):
+    """Anchors -> records; merged into ``records.jsonl`` + ``manifest.json``."""
+
+    name, unit = "gt", "anchor"
+    results = ("records.jsonl", "manifest.json")
+
+    def plan(self, cfg: dict[str, Any]) -> RunHeader:
+        return plan_run(cfg["data"], cfg["model"])
+
+    def _records(self, run: RunDir) -> dict[int, GtRecord]:
+        """Every record in the part files, by anchor (a repeat must be identical)."""
+        records: dict[int, GtRecord] = {}
+        for where, obj in read_jsonl_parts(run.part_files()):
+            rec = GtRecord.from_json(obj, where)
+            prev = records.setdefault(rec.anchor_position, rec)
+            if prev.to_line() != rec.to_line():
+                raise GtDataError(
+                    f"{where}: anchor {rec.anchor_position} has a different record in another "
+                    "part file (two runs wrote to the same folder?)"
+                )
+        return records
+
+    def done(self, run: RunDir) -> set[int]:
+        return set(self._records(run))
+
+    def encode_part(self, outputs: list[Any]) -> bytes:
+        return "".join(r.to_line() + "\n" for out in outputs for r in out["records"]).encode()
+
+    def count(self, output: Any) -> int:
+        return len(output["records"])
+
+    def progress_metrics(self, output: Any) -> dict[str, float]:
+        return _summary(output["scores"]) if output.get("scores") else {}
+
+    def merge(self, run: RunDir) -> Path:
+        header = run.header()
+        records = self._records(run)
+        missing = sorted(set(header.items) - set(records))
+        if missing:
+            raise GtDataError(
+                f"{run.path}: {len(missing)} of {len(header.items)} anchors have no record yet "
+                f"(first: {missing[:5]}); rerun `leverlm gt predict` to finish them"
             )
-
-    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        cfg = self.config[self.subcommand]
-        trainer_cfg = cfg["trainer"]
-        if trainer_cfg.get("logger") in (None, True):
-            kwargs["logger"] = default_logger(cfg["out"])
-        callbacks = list(self._get(self.config_init, "trainer", {}).get("callbacks") or [])
-        callbacks += [
-            GtWriter(cfg["out"], self.plan.header, cfg["overwrite"]),
-            GtProgress(enable_bar=cfg["progress_bar"]),
-        ]
-        kwargs["callbacks"] = callbacks
-        return super().instantiate_trainer(**kwargs)
-
-    def predict(
-        self,
-        model: pl.LightningModule,
-        datamodule: pl.LightningDataModule | None = None,
-        return_predictions: bool | None = None,
-        **kwargs: Any,
-    ) -> None:
-        # Predictions go to part files as they come; holding them all would only cost memory.
-        self.trainer.predict(model, datamodule=datamodule, return_predictions=False)
+        extra = sorted(set(records) - set(header.items))
+        if extra:
+            raise GtDataError(f"{run.path}: part files hold anchors not in this run: {extra[:5]}")
+        manifest = {**header.manifest, "config": header.config, "run_sha256": header.sha256}
+        return write_gt(run.path, list(records.values()), manifest)
 
 
-def default_logger(out: str) -> Any:
-    """wandb under ``OUT/logs``: offline unless an API key is configured.
-
-    An explicit ``WANDB_MODE`` (``online``, ``offline``, ``disabled``) always wins.
-    """
-    from lightning.pytorch.loggers import WandbLogger
-
-    save_dir = Path(out) / "logs"
-    save_dir.mkdir(parents=True, exist_ok=True)
-    offline = not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY")
-    return WandbLogger(project="leverlm-gt", save_dir=str(save_dir), offline=offline)
-
-
-def merge_main(argv: list[str]) -> int:
-    """``leverlm gt merge --out DIR``: merge the part files of a finished run."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="leverlm gt merge", description=merge_main.__doc__)
-    parser.add_argument("--out", required=True, help="the gt folder given to `leverlm gt predict`")
-    args = parser.parse_args(argv)
-    path = merge(args.out)
-    print(f"merged {path}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str]) -> int:
     """``leverlm gt predict ...`` (LightningCLI) or ``leverlm gt merge --out DIR``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    setup_job_logging(log)
-    try:
-        if argv and argv[0] == "merge":
-            return merge_main(argv[1:])
-        # `leverlm gt ...` passes its argv explicitly while sys.argv holds the whole command
-        # (which DDP launchers re-run); Lightning warns about that pairing, harmlessly here.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        # Batches carry their anchor positions; Lightning's index tracking is not needed.
-        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
-        GtCLI(
-            GtModule,
-            GtDataModule,
-            args=argv,
-            parser_kwargs={"parser_mode": "omegaconf"},
-            save_config_callback=None,
-            seed_everything_default=0,
-            auto_configure_optimizers=False,
-        )
-    except (GtConfigError, GtDataError) as err:
-        print(f"leverlm gt: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return run_job(GtJob(), GtModule, GtDataModule, argv)
 
 
 __all__ = [
     "AnchorBatches",
-    "GtCLI",
     "GtConfigError",
     "GtDataModule",
+    "GtJob",
     "GtModule",
-    "GtPlan",
-    "GtProgress",
-    "GtWriter",
-    "default_logger",
     "main",
-    "merge_main",
     "plan_run",
 ]

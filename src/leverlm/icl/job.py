@@ -1,50 +1,36 @@
-"""``leverlm eval``: in-context evaluation of ICD retrievers with a frozen LVLM (LightningCLI test).
+"""``leverlm eval``: in-context evaluation of ICD retrievers with a frozen LVLM, a job on the
+run layer (:mod:`leverlm.runs`).
 
-``leverlm eval test --config conf/eval/easyvqa_tiny.yaml --out runs/eval/easyvqa`` evaluates
+``leverlm eval predict --config conf/eval/easyvqa_tiny.yaml --out runs/eval/easyvqa`` evaluates
 every configured method (``zero_shot``, ``random``, ``siir``, ``sttr``, ``sitr``, ``fixed``,
 ``lever_lm``, ``lever_lm_shuffled``, ``oracle``/``from_file`` or any registered retriever) at
-every shot count on the query collection (the validation split), with ICDs from the
-supporting set (the train collection):
+every shot count on the query collection, with ICDs from the supporting set:
 
 1. **Plan** (:func:`plan_eval`, before anything loads): every setting is checked, naming the
-   bad value - unknown method, shots < 1, a ``lever_lm`` method without a checkpoint, a
-   feature store built for another collection, a missing LVLM folder, an output folder
-   holding another config's results.
+   bad value.
 2. **Retrieve** (:class:`EvalDataModule`, once per method, up front): each retriever's
-   ``prepare`` then ``retrieve`` over *all* queries of the run, so a query's ICDs never depend
-   on batches, ranks or resumes.
+   ``prepare`` then ``retrieve`` over *all* queries, so a query's ICDs never depend on batches,
+   ranks or resumes.
 3. **Generate** (:class:`EvalModule`): work items are (batch of ``batch_size`` queries, method,
-   shots); each is one batched ``LVLM.generate`` call with the ICD samples fetched by position
-   from the supporting set - the adapter's own prompt code, the one the gt scorer uses, and
-   the task's generation arguments (``model.generation`` overrides them).
-4. **Write** (:class:`EvalWriter`): predictions ``{query_key, method, shots, icd_positions,
-   prediction, references}`` go to atomic per-rank part files under ``OUT/parts``.
-5. **Merge and report** (rank 0, :func:`finalize_results`): ``OUT/predictions.jsonl`` (sorted),
-   ``OUT/manifest.json`` (task, metric, LVLM, methods, shots, trained_shots,
-   interpolation_max_shots, the resolved config and its hash), then
-   :func:`leverlm.report.write_report` prints the table and writes ``report.{md,csv,json,png}``;
-   the table, plot and a few sample predictions go to the logger (wandb, offline by default).
+   shots), each one batched ``LVLM.generate`` call with the adapter's own prompt code (the one
+   the gt scorer uses).
+4. **Write and merge**: predictions go to part files; at the end ``OUT/predictions.jsonl``
+   (sorted), ``OUT/manifest.json`` and the report (:func:`leverlm.report.write_report`), printed
+   and logged.
 
-Resume and DDP reuse the gt job's part-file machinery (:mod:`leverlm.gt.data`): rerunning the
-same command skips every (query, method, shots) already in a part file and finishes the rest;
-``--trainer.devices N --trainer.strategy ddp`` deals the work items out round-robin. Batches are
-fixed chunks of the run's query list, so each generate call sees the same queries however the
-work is split or resumed, and the final files are byte-identical to an uninterrupted
-1-process run. The config hash covers the ``data`` and ``model`` sections except
-``data.num_workers`` (``batch_size`` is covered: padding in a batched generate call can change
-float rounding), plus the checksums of the collections, feature stores and Lever-LM checkpoints.
-
-``leverlm eval merge --out DIR`` merges and reports a finished run on its own.
+Batches are fixed chunks of the run's query list, so each generate call sees the same queries
+however the work is split over ranks or resumed: the final files are byte-identical to an
+uninterrupted 1-process run. ``leverlm eval merge --out DIR`` merges and reports on its own.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
+import json
 import logging
-import os
 import sys
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,31 +38,13 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import leverlm.icl.lever_retriever  # noqa: F401 - registers lever_lm, lever_lm_shuffled, from_file
 from leverlm.errors import LeverError
-from leverlm.gt.data import (
-    GtConfigMismatch,
-    GtDataError,
-    check_out_dir,
-    make_header,
-    next_part_seq,
-    part_files,
-    prepare_out_dir,
-    read_header,
-    write_part,
-)
 from leverlm.icl.retrievers import RETRIEVERS, Retriever, RetrieverError, available_retrievers
 from leverlm.report import Prediction, ReportError, read_predictions
-from leverlm.utils import (
-    atomic_open,
-    atomic_write_json,
-    read_jsonl,
-    setup_job_logging,
-    sha256_file,
-)
+from leverlm.runs import Job, RunDir, RunHeader, input_fingerprint, run_job
+from leverlm.utils import atomic_open, atomic_write_json, read_jsonl, sha256_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -125,7 +93,6 @@ class EvalPrediction(Prediction):
 
 def prediction_line(pred: Prediction) -> str:
     """One JSONL line (no newline) in the fixed field order; equal predictions, equal bytes."""
-    import json
 
     return json.dumps(pred.to_json(), ensure_ascii=False, separators=(",", ":"))
 
@@ -425,11 +392,12 @@ class EvalItems(torch.utils.data.IterableDataset):
     """One rank's work items with their query and ICD samples decoded.
 
     Each item: ``{"method", "shots", "batch", "queries": [sample, ...], "icd_positions":
-    [[pos, ...], ...], "icds": {pos: sample}}``. DataLoader workers take every
-    ``num_workers``-th item, so each item is yielded exactly once.
+    [[pos, ...], ...], "icds": {pos: sample}}``. DataLoader workers take whole query batches
+    (every ``num_workers``-th), stream their queries once (:func:`stream_positions`) and
+    yield the batch's items; ICDs are fetched by position.
 
     Args:
-        positions: collection position of each query row.
+        positions: collection position of each query row (ascending).
         table: ``{(method, shots): (Q, shots) array}`` of supporting-set positions.
     """
 
@@ -450,22 +418,29 @@ class EvalItems(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from leverlm.data.collection import Collection
+        from leverlm.data.pipeline import stream_positions
 
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        queries, support = Collection(self.queries), Collection(self.supporting_set)
-        for item in self.items[worker::num_workers]:
-            rows = list(item.rows)
-            icds = self.table[(item.method, item.shots)][rows].tolist()
-            needed = sorted({p for seq in icds for p in seq})
-            yield {
-                "batch": item.batch,
-                "method": item.method,
-                "shots": item.shots,
-                "queries": [queries[self.positions[r]] for r in rows],
-                "icd_positions": icds,
-                "icds": {p: support[p] for p in needed},
-            }
+        batches = sorted({it.batch for it in self.items})[worker::num_workers]
+        by_batch = {b: [it for it in self.items if it.batch == b] for b in batches}
+        rows = {b: sorted({r for it in its for r in it.rows}) for b, its in by_batch.items()}
+        flat = [r for b in batches for r in rows[b]]  # ascending: batches are row ranges
+        qcoll, support = Collection(self.queries), Collection(self.supporting_set)
+        stream = zip(flat, stream_positions(qcoll, [self.positions[r] for r in flat]), strict=True)
+        for b in batches:
+            samples = dict(itertools.islice(stream, len(rows[b])))
+            for item in by_batch[b]:
+                icds = self.table[(item.method, item.shots)][list(item.rows)].tolist()
+                needed = sorted({p for seq in icds for p in seq})
+                yield {
+                    "batch": item.batch,
+                    "method": item.method,
+                    "shots": item.shots,
+                    "queries": [samples[r] for r in item.rows],
+                    "icd_positions": icds,
+                    "icds": {p: support[p] for p in needed},
+                }
 
 
 class EvalDataModule(pl.LightningDataModule):
@@ -644,10 +619,14 @@ class EvalDataModule(pl.LightningDataModule):
 
     @property
     def rank_items(self) -> list[WorkItem]:
-        """This rank's share of :attr:`items` (round-robin, so shares differ by at most one)."""
-        return self.items[self.rank :: self.world_size]
+        """This rank's share of :attr:`items`: whole query batches, dealt round-robin."""
+        return [it for it in self.items if it.batch % self.world_size == self.rank]
 
-    def test_dataloader(self) -> torch.utils.data.DataLoader:
+    @property
+    def rank_count(self) -> int:
+        return sum(len(it.rows) for it in self.rank_items)
+
+    def predict_dataloader(self) -> torch.utils.data.DataLoader:
         assert self.table is not None
         dataset = EvalItems(
             _abspath(self.queries),
@@ -671,7 +650,7 @@ class EvalDataModule(pl.LightningDataModule):
 
 
 class EvalModule(pl.LightningModule):
-    """Batched in-context generation with a frozen LVLM (``test_step`` = one work item).
+    """Batched in-context generation with a frozen LVLM (``predict_step`` = one work item).
 
     Args:
         model_type: the LVLM family (``idefics``, ``flamingo``, ...; see ``leverlm.lvlm``).
@@ -718,9 +697,6 @@ class EvalModule(pl.LightningModule):
             **self.lvlm_kwargs,
         )
 
-    def on_test_start(self) -> None:
-        self.load_lvlm()
-
     def predict_item(self, item: dict[str, Any]) -> list[EvalPrediction]:
         """Generate for one work item; returns its predictions in query order."""
         self.load_lvlm()
@@ -744,168 +720,42 @@ class EvalModule(pl.LightningModule):
             for q, seq, text in zip(queries, item["icd_positions"], texts, strict=True)
         ]
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         return {"predictions": self.predict_item(batch)}
 
 
 # ---------------------------------------------------------------------------------------------
-# part files, merge, report
+# merge and report
 # ---------------------------------------------------------------------------------------------
 
 
-def read_parts(out: str | os.PathLike) -> list[Prediction]:
-    """Every prediction in ``out``'s part files (identical repeats merged; conflicts named)."""
-    try:
-        return read_predictions(part_files(out))
-    except ReportError as err:
-        raise EvalError(f"{Path(out) / 'parts'}: {err}") from err
-
-
-def done_units(out: str | os.PathLike) -> set[tuple[str, str, int]]:
-    """(query_key, method, shots) already finished in ``out``'s part files.
-
-    Reads only those three fields (a resumed full VQAv2 run holds millions of predictions;
-    the merge validates everything).
-    """
-    done: set[tuple[str, str, int]] = set()
-    for path in part_files(out):
-        for where, obj in read_jsonl(path, EvalError):
-            try:
-                # Interned: the same key and method strings are shared by every unit.
-                done.add(
-                    (sys.intern(obj["query_key"]), sys.intern(obj["method"]), int(obj["shots"]))
-                )
-            except (KeyError, TypeError, ValueError) as err:
-                raise EvalError(f"{where}: not a prediction line ({err!r})") from None
-    return done
-
-
-def prepare_eval_out(out: str | os.PathLike, header: dict[str, Any], overwrite: bool) -> str:
-    """Make ``out`` ready (one process only): the gt job's :func:`prepare_out_dir`, plus
-    removing this job's merged files when overwriting another run."""
-    out = Path(out)
-    status = _out_status(out, header["config_sha256"], overwrite)
-    if status == "overwrite":
-        for name in (PREDICTIONS, *REPORT_FILES):
-            (out / name).unlink(missing_ok=True)
-    prepare_out_dir(out, header, overwrite)
-    return status
-
-
-def _out_status(out: Path, config_sha256: str, overwrite: bool) -> str:
-    try:
-        return check_out_dir(out, config_sha256, overwrite)
-    except GtConfigMismatch:
-        raise EvalConfigError(
-            f"output folder {str(out)!r} holds eval results of a different config (this run's "
-            f"config_sha256 is {config_sha256[:12]}...); choose another --out, or pass "
-            "--overwrite to delete them"
-        ) from None
-    except GtDataError as err:
-        raise EvalConfigError(f"--out: {err}") from err
-
-
-class EvalWriter(Callback):
-    """Writes each rank's predictions as atomic part files (``part_size`` predictions each).
-
-    In ``setup`` (every rank, after the data module retrieved the ICDs): rank 0 prepares
-    ``out`` and writes the run header; after a barrier every rank reads what is done and tells
-    the data module to skip it. Buffered predictions are flushed at the end of the loop and on
-    an exception (they are complete; only unwritten work is lost to a crash).
-    """
-
-    def __init__(
-        self, out: str, header: dict[str, Any], overwrite: bool = False, part_size: int = 64
-    ) -> None:
-        super().__init__()
-        self.out, self.header, self.overwrite = Path(out), header, overwrite
-        self.part_size = part_size
-        self.buffer: list[EvalPrediction] = []
-        self.seq = 0
-        self.written = 0
-        self.rank = 0
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.rank = trainer.global_rank
-        if trainer.is_global_zero:
-            status = prepare_eval_out(self.out, self.header, self.overwrite)
-            log.info("eval output %s: %s", self.out, status)
-        trainer.strategy.barrier("eval-prepare-out")
-        done = done_units(self.out)
-        dm = trainer.datamodule
-        if isinstance(dm, EvalDataModule):
-            dm.skip(done)
-            items = dm.rank_items
-            log.info(
-                "rank %d: skipped %d predictions already done, %d work items (%d predictions) "
-                "to do on this rank",
-                trainer.global_rank,
-                len(done),
-                len(items),
-                sum(len(it.rows) for it in items),
-            )
-        self.seq = next_part_seq(self.out, trainer.global_rank)
-
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        write_part(self.out, self.rank, self.seq, self.buffer)
-        self.seq += 1
-        self.written += len(self.buffer)
-        self.buffer = []
-
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self.buffer += outputs["predictions"]
-        if len(self.buffer) >= self.part_size:
-            self.flush()
-
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.flush()
-        log.info("rank %d: wrote %d predictions", trainer.global_rank, self.written)
-
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        self.flush()
-
-
-def finalize_results(
-    out: str | os.PathLike,
-    *,
-    trained_shots: int | None = None,
-    interpolation_max_shots: int = 4,
-    formats: str | Sequence[str] = "md,csv,json,png",
-) -> Report:
-    """Merge ``out``'s part files into ``predictions.jsonl`` + ``manifest.json`` and report.
-
-    Every (query, method, shots) of the run header must be present exactly once; nothing is
-    written otherwise. The manifest is written after the predictions, so its presence marks
-    complete results; the report files follow.
-    """
+def expected_units(header: RunHeader) -> set[tuple[str, str, int]]:
+    """Every (query_key, method, shots) of a run."""
     from leverlm.data.collection import Collection
-    from leverlm.report import parse_formats, write_report
 
-    out = Path(out)
-    fmts = parse_formats(formats)
-    header = read_header(out)
-    if header is None:
-        raise EvalError(f"{out / 'parts' / 'config.json'}: no run header; nothing to merge")
-    manifest = header["manifest"]
-    if manifest.get("format") != FORMAT:
-        raise EvalError(f"{out}: the run header is not an eval run's (format {FORMAT!r})")
-    all_keys = Collection(manifest["queries"]["path"]).keys
-    keys = [all_keys[p] for p in header["anchors"]]
-    units = [(m, int(s)) for m, s in manifest["units"]]
-    expected = {(k, m, s) for k in keys for m, s in units}
-    preds = read_parts(out)
+    all_keys = Collection(header.manifest["queries"]["path"]).keys
+    units = [(m, int(s)) for m, s in header.manifest["units"]]
+    return {(all_keys[p], m, s) for p in header.items for m, s in units}
+
+
+def finalize_results(run: RunDir) -> Report:
+    """Merge the part files into ``predictions.jsonl`` + ``manifest.json`` and report.
+
+    Every (query, method, shots) of the run must be present exactly once; nothing is written
+    otherwise. The manifest is written after the predictions, so its presence marks complete
+    results; the report files follow.
+    """
+    from leverlm.report import write_report
+
+    out, header = run.path, run.header()
+    if header is None or header.job != "eval":
+        raise EvalError(f"{out}: no eval run header; nothing to merge")
+    manifest, settings = header.manifest, header.settings
+    expected = expected_units(header)
+    try:
+        preds = read_predictions(run.part_files())
+    except ReportError as err:
+        raise EvalError(f"{run.parts}: {err}") from err
     got = {(p.query_key, p.method, p.shots) for p in preds}
     missing = sorted(expected - got)
     if missing:
@@ -922,19 +772,19 @@ def finalize_results(
     final = {
         **manifest,
         "version": VERSION,
-        "num_queries": len(keys),
+        "num_queries": len(header.items),
         "num_predictions": len(preds),
-        "trained_shots": trained_shots,
-        "interpolation_max_shots": interpolation_max_shots,
-        "config": header["config"],
-        "config_sha256": header["config_sha256"],
+        "trained_shots": settings["trained_shots"],
+        "interpolation_max_shots": settings["interpolation_max_shots"],
+        "config": header.config,
+        "run_sha256": header.sha256,
     }
     atomic_write_json(out / MANIFEST, final)
-    return write_report(out, out, fmts, interpolation_max_shots)
+    return write_report(out, out, settings["report_formats"], settings["interpolation_max_shots"])
 
 
 def log_results(
-    loggers: Sequence[Any], report: Report, out: str | os.PathLike, num_samples: int = 4
+    loggers: Sequence[Any], report: Report, out: str | Path, num_samples: int = 4
 ) -> None:
     """The report's table, plot and a few sample predictions (with images) to each logger."""
     from leverlm.data.collection import Collection
@@ -944,7 +794,7 @@ def log_results(
         return
     samples = None
     if num_samples > 0 and any(hasattr(lg, "log_table") for lg in loggers):
-        manifest = read_header(out)["manifest"]
+        manifest = RunDir(out).header().manifest
         queries = Collection(manifest["queries"]["path"])
         support = Collection(manifest["supporting_set"]["path"])
         chosen = select_samples(read_predictions([Path(out) / PREDICTIONS]), num_samples)
@@ -961,16 +811,6 @@ def log_results(
 # ---------------------------------------------------------------------------------------------
 # planning: validate everything before any model loads
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalPlan:
-    """What a run will do: its parts-folder header, the status of ``out``, report settings."""
-
-    header: dict[str, Any]
-    status: str
-    specs: list[MethodSpec]
-    trained_shots: int | None
 
 
 def _collection_info(path: str, what: str) -> dict[str, Any]:
@@ -1044,12 +884,8 @@ def _check_lever(
 
 
 def plan_eval(
-    data: dict[str, Any],
-    model: dict[str, Any],
-    out: str | None,
-    overwrite: bool = False,
-    trained_shots: int | None = None,
-) -> EvalPlan:
+    data: dict[str, Any], model: dict[str, Any], settings: dict[str, Any] | None = None
+) -> RunHeader:
     """Check an eval config and build its run header; raises naming the bad value.
 
     Reads only small files (collection and feature-store manifests, the memory-mapped Lever-LM
@@ -1065,9 +901,9 @@ def plan_eval(
     )
     from leverlm.tasks import TaskError, get_task
 
-    if not out:
-        raise EvalConfigError("no output folder: pass --out DIR")
     data, model = dict(data), dict(model)
+    settings = dict(settings or {})
+    trained_shots = settings.get("trained_shots")
     try:
         task = get_task(model["task"])
     except TaskError as err:
@@ -1179,221 +1015,129 @@ def plan_eval(
         "queries": {k: v for k, v in queries.items() if k != "task"},
         "supporting_set": {k: v for k, v in support.items() if k != "task"},
     }
-    header = make_header(config, positions, manifest)
-    status = _out_status(Path(out), header["config_sha256"], overwrite)
-    return EvalPlan(header, status, specs, trained_shots)
+    inputs = {"queries": input_fingerprint(queries["path"])}
+    inputs["supporting_set"] = input_fingerprint(support["path"])
+    if is_local_path(model["path"]):
+        inputs["lvlm"] = input_fingerprint(model["path"])
+    for key in ("support_features", "query_features"):
+        if data.get(key):
+            inputs[key] = input_fingerprint(data[key])
+    for spec in specs:
+        for key in ("checkpoint", "path", "support_features", "query_features"):
+            if isinstance(spec.kwargs.get(key), str) and Path(spec.kwargs[key]).exists():
+                inputs[f"{spec.method}.{key}"] = input_fingerprint(spec.kwargs[key])
+        if "gt_dir" in spec.source:
+            inputs[f"{spec.method}.gt_dir"] = input_fingerprint(spec.source["gt_dir"])
+    settings["trained_shots"] = trained_shots
+    return RunHeader("eval", config, inputs, positions, manifest, settings)
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI
+# the job
 # ---------------------------------------------------------------------------------------------
 
 
-def default_logger(out: str) -> Any:
-    """wandb under ``OUT/logs``: offline unless an API key is set (``WANDB_MODE`` wins)."""
-    from leverlm.lever.module import AutoWandbLogger
+class EvalJob(Job):
+    """(query, method, shots) -> predictions; merged into ``predictions.jsonl``, ``manifest.json``
+    and the report."""
 
-    return AutoWandbLogger(project="leverlm-eval", save_dir=str(Path(out) / "logs"))
+    name, unit, part_size = "eval", "prediction", 64
+    results = (PREDICTIONS, MANIFEST, *REPORT_FILES)
 
-
-class EvalCLI(LightningCLI):
-    """LightningCLI with only ``test``, output/report options, early checks, merge + report."""
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {"test": {"model", "dataloaders", "datamodule"}}
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--out", type=str | None, default=None, help="results folder")
-        parser.add_argument(
-            "--overwrite",
-            type=bool,
-            default=False,
-            help="delete results of a different config in --out instead of refusing",
-        )
+    def add_arguments(self, parser: Any) -> None:
         parser.add_argument(
             "--part_size", type=int, default=64, help="predictions per part file (resume unit)"
         )
         parser.add_argument(
-            "--trained_shots",
-            type=int | None,
-            default=None,
+            "--trained_shots", type=int | None, default=None,
             help="shots Lever-LM was trained on (default: as recorded in its checkpoint)",
-        )
+        )  # fmt: skip
         parser.add_argument(
-            "--interpolation_max_shots",
-            type=int,
-            default=4,
+            "--interpolation_max_shots", type=int, default=4,
             help="largest shot count reported as interpolation (paper: 4)",
-        )
+        )  # fmt: skip
         parser.add_argument(
             "--report_formats", type=str, default="md,csv,json,png", help="report files"
         )
         parser.add_argument(
             "--log_samples", type=int, default=4, help="sample queries logged with images"
         )
-        parser.add_argument(
-            "--cpu_threads",
-            type=int | None,
-            default=None,
-            help="torch intra-op CPU threads (default: torch's choice); 1 suits tiny models",
-        )
         parser.link_arguments("model.task", "data.task")
 
-    def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand]
-        from leverlm.report import ReportError, parse_formats
+    def plan(self, cfg: dict[str, Any]) -> RunHeader:
+        from leverlm.report import parse_formats
 
-        if cfg["cpu_threads"] is not None:
-            if cfg["cpu_threads"] < 1:
-                raise EvalConfigError(f"--cpu_threads={cfg['cpu_threads']} must be >= 1")
-            # On a busy CPU, threads of a tiny model's small ops fight (measured: 20x slower).
-            torch.set_num_threads(cfg["cpu_threads"])
-        if cfg["part_size"] < 1:
-            raise EvalConfigError(f"--part_size must be >= 1, got {cfg['part_size']}")
-        if cfg["interpolation_max_shots"] < 0:
-            raise EvalConfigError(
-                f"--interpolation_max_shots must be >= 0, got {cfg['interpolation_max_shots']}"
-            )
+        for name, low in (("part_size", 1), ("interpolation_max_shots", 0), ("log_samples", 0)):
+            if cfg[name] < low:
+                raise EvalConfigError(f"--{name} must be >= {low}, got {cfg[name]}")
+        self.part_size, self.log_samples = cfg["part_size"], cfg["log_samples"]
         try:
-            parse_formats(cfg["report_formats"])
+            formats = parse_formats(cfg["report_formats"])
         except ReportError as err:
             raise EvalConfigError(f"--report_formats: {err}") from err
-        self.plan = plan_eval(
-            cfg["data"].as_dict(),
-            cfg["model"].as_dict(),
-            cfg["out"],
-            cfg["overwrite"],
-            cfg["trained_shots"],
-        )
-        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
-            units = self.plan.header["manifest"]["units"]
-            log.info(
-                "eval: %d queries x %d (method, shots), config %s..., output %s (%s)",
-                len(self.plan.header["anchors"]),
-                len(units),
-                self.plan.header["config_sha256"][:12],
-                cfg["out"],
-                self.plan.status,
-            )
+        settings = {
+            "trained_shots": cfg["trained_shots"],
+            "interpolation_max_shots": cfg["interpolation_max_shots"],
+            "report_formats": list(formats),
+        }
+        return plan_eval(cfg["data"], cfg["model"], settings)
 
-    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        cfg = self.config[self.subcommand]
-        if cfg["trainer"].get("logger") in (None, True):
-            kwargs["logger"] = default_logger(cfg["out"])
-        callbacks = list(self._get(self.config_init, "trainer", {}).get("callbacks") or [])
-        self.writer = EvalWriter(
-            cfg["out"], self.plan.header, cfg["overwrite"], part_size=cfg["part_size"]
-        )
-        kwargs["callbacks"] = [*callbacks, self.writer]
-        return super().instantiate_trainer(**kwargs)
+    def done(self, run: RunDir) -> set[tuple[str, str, int]]:
+        """(query_key, method, shots) already in the part files (only those three fields are
+        read: a resumed VQAv2 run holds millions of predictions; the merge checks the rest)."""
+        done: set[tuple[str, str, int]] = set()
+        for path in run.part_files():
+            for where, obj in read_jsonl(path, EvalError):
+                try:
+                    # Interned: the same key and method strings are shared by every unit.
+                    done.add((sys.intern(obj["query_key"]), sys.intern(obj["method"]),
+                              int(obj["shots"])))  # fmt: skip
+                except (KeyError, TypeError, ValueError) as err:
+                    raise EvalError(f"{where}: not a prediction line ({err!r})") from None
+        return done
 
-    def test(
-        self,
-        model: pl.LightningModule,
-        datamodule: pl.LightningDataModule | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self.trainer.test(model, datamodule=datamodule, verbose=False)
+    def remaining(self, run: RunDir, header: RunHeader) -> int:
+        return len(expected_units(header) - self.done(run))
 
-    def after_test(self) -> None:
-        cfg = self.config[self.subcommand]
-        trainer = self.trainer
-        if trainer.interrupted:
-            log.warning("eval interrupted; rerun the same command to finish %s", cfg["out"])
-            return
-        trainer.strategy.barrier("eval-merge")
-        if trainer.is_global_zero:
-            report = finalize_results(
-                cfg["out"],
-                trained_shots=self.plan.trained_shots,
-                interpolation_max_shots=cfg["interpolation_max_shots"],
-                formats=cfg["report_formats"],
-            )
-            print(report.markdown, end="", flush=True)
-            log_results(trainer.loggers, report, cfg["out"], cfg["log_samples"])
-            log.info("eval results written to %s", cfg["out"])
-        # No barrier after the merge: a failing merge on rank 0 must not leave the others
-        # waiting; they have nothing left to do.
+    def encode_part(self, outputs: list[Any]) -> bytes:
+        lines = (prediction_line(p) + "\n" for out in outputs for p in out["predictions"])
+        return "".join(lines).encode("utf-8")
+
+    def count(self, output: Any) -> int:
+        return len(output["predictions"])
+
+    def merge(self, run: RunDir) -> Report:
+        return finalize_results(run)
+
+    def after_merge(self, run: RunDir, result: Any, trainer: Any) -> None:
+        print(result.markdown, end="", flush=True)
+        if trainer is not None:
+            log_results(trainer.loggers, result, run.path, getattr(self, "log_samples", 4))
 
 
-def merge_main(argv: list[str]) -> int:
-    """``leverlm eval merge --out DIR``: merge and report the part files of a finished run."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="leverlm eval merge", description=merge_main.__doc__)
-    parser.add_argument("--out", required=True, help="the folder given to `leverlm eval test`")
-    parser.add_argument("--trained_shots", type=int, default=None)
-    parser.add_argument("--interpolation_max_shots", type=int, default=4)
-    parser.add_argument("--report_formats", default="md,csv,json,png")
-    args = parser.parse_args(argv)
-    report = finalize_results(
-        args.out,
-        trained_shots=args.trained_shots,
-        interpolation_max_shots=args.interpolation_max_shots,
-        formats=args.report_formats,
-    )
-    print(report.markdown, end="")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``leverlm eval test ...`` (LightningCLI) or ``leverlm eval merge --out DIR``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    setup_job_logging(log)
-    try:
-        if argv and argv[0] == "merge":
-            return merge_main(argv[1:])
-        # `leverlm eval ...` passes its argv explicitly while sys.argv holds the whole command
-        # (which DDP launchers re-run); Lightning warns about that pairing, harmlessly here.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        # Items carry their query keys; Lightning's batch-index tracking is not needed.
-        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
-        # EvalItems deals whole items to DataLoader workers, so its length is exact.
-        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__`")
-        EvalCLI(
-            EvalModule,
-            EvalDataModule,
-            args=argv,
-            parser_kwargs={"parser_mode": "omegaconf"},
-            save_config_callback=None,
-            seed_everything_default=0,
-            auto_configure_optimizers=False,
-        )
-    except (EvalConfigError, EvalError, RetrieverError, GtDataError, ReportError) as err:
-        print(f"leverlm eval: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def main(argv: list[str]) -> int:
+    """``leverlm eval predict ...`` (LightningCLI) or ``leverlm eval merge --out DIR``."""
+    return run_job(EvalJob(), EvalModule, EvalDataModule, argv)
 
 
 __all__ = [
-    "EvalCLI",
     "EvalConfigError",
     "EvalDataModule",
     "EvalError",
     "EvalItems",
+    "EvalJob",
     "EvalModule",
-    "EvalPlan",
     "EvalPrediction",
-    "EvalWriter",
     "MethodSpec",
     "WorkItem",
     "build_retrievers",
     "check_methods_and_shots",
     "check_retrieved",
-    "default_logger",
-    "done_units",
     "eval_units",
     "finalize_results",
     "log_results",
     "main",
-    "merge_main",
     "plan_eval",
-    "read_parts",
     "references_of",
     "resolve_methods",
     "select_queries",

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
+import torch
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
 MODALITY_NAMES = ("image", "text")
 
@@ -236,6 +236,24 @@ class ClipInputs:
         return out
 
 
+class EpochShuffle(torch.utils.data.Sampler):
+    """A permutation per epoch drawn from ``(seed, epoch)`` alone (Lightning calls
+    :meth:`set_epoch`), so a resumed run sees the same order as an uninterrupted one."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Any:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
 class LeverLMDataModule(L.LightningDataModule):
     """The gt dataset as Lever-LM training/validation batches.
 
@@ -379,7 +397,7 @@ class LeverLMDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,
             num_workers=self.num_workers,
             collate_fn=self.collator(),
             persistent_workers=self.num_workers > 0,

@@ -9,6 +9,7 @@ the model, so a checkpoint alone is enough to rebuild the model and find its fea
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any, Literal
@@ -20,6 +21,8 @@ from lightning.pytorch.loggers import WandbLogger
 
 from leverlm.lever.data import LeverLMDataModule
 from leverlm.lever.model import IGNORE_INDEX, LeverLMConfig, LeverLMModel
+
+log = logging.getLogger("leverlm.train")
 
 Modality = Literal["image", "text"]
 
@@ -224,6 +227,10 @@ class LeverLMModule(L.LightningModule):
 
     # -- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The RNG states, so a resumed run draws what an uninterrupted one would (dropout).
+        checkpoint["leverlm_rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["leverlm_rng"]["cuda"] = torch.cuda.get_rng_state_all()
         # plain dicts, so LeverLM.from_checkpoint needs neither Lightning nor this class
         hp = self.hparams
         checkpoint["leverlm_config"] = self.config.to_dict()
@@ -235,6 +242,13 @@ class LeverLMModule(L.LightningModule):
             "clip_trainable": bool(hp.clip_trainable),
             "clip_model": hp.clip_model,
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("leverlm_rng") or {}
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     # -- decoded-sequence table --------------------------------------------------------------
     def on_validation_epoch_end(self) -> None:
@@ -327,73 +341,30 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-class AutoWandbLogger(WandbLogger):
-    """WandbLogger that is offline unless ``WANDB_API_KEY`` is set.
-
-    An explicit ``WANDB_MODE`` (e.g. ``disabled`` in tests) always wins: Lightning's own
-    ``offline=True`` would overwrite it with ``dryrun``.
-    """
-
-    def __init__(
-        self,
-        project: str = "leverlm",
-        name: str | None = None,
-        save_dir: str = "runs",
-        offline: bool | None = None,
-        log_model: bool = False,
-        tags: list[str] | None = None,
-        group: str | None = None,
-    ):
-        if offline is None:
-            offline = not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ
-        os.makedirs(save_dir, exist_ok=True)
-        super().__init__(
-            project=project,
-            name=name,
-            save_dir=save_dir,
-            offline=offline,
-            log_model=log_model,
-            tags=tags,
-            group=group,
-        )
+def _result_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What determines the trained weights: the config without where things are written,
+    how they are logged or shown, and how many loader workers there are."""
+    cfg = {k: v for k, v in cfg.items() if k in ("model", "data", "trainer", "seed_everything")}
+    cfg["data"] = {k: v for k, v in cfg.get("data", {}).items() if k != "num_workers"}
+    # linked from the data module when it is built (functions of the fingerprinted inputs)
+    cfg["model"] = {k: v for k, v in cfg.get("model", {}).items() if k not in _LINKED}
+    cfg["trainer"] = {
+        k: v for k, v in cfg.get("trainer", {}).items()
+        if k not in ("logger", "callbacks", "default_root_dir", "enable_progress_bar",
+                     "enable_model_summary", "log_every_n_steps")
+    }  # fmt: skip
+    return cfg
 
 
-class LoggerSaveConfigCallback(SaveConfigCallback):
-    """Save the resolved config beside the run *and* log it to the run's logger(s)."""
-
-    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        import yaml
-
-        from leverlm.utils import atomic_open
-
-        text = self.parser.dump(self.config, skip_none=False)
-        config = yaml.safe_load(text)
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"config": config})
-        # SaveConfigCallback writes to trainer.log_dir, which for wandb is the save_dir shared by
-        # all runs; keep a copy in the run's own folder (where its checkpoints go) as well.
-        run_dir = _run_dir(trainer)
-        if run_dir is not None:
-            with atomic_open(
-                os.path.join(run_dir, self.config_filename), "w", encoding="utf-8"
-            ) as fh:
-                fh.write(text)
-
-
-def _run_dir(trainer: L.Trainer) -> str | None:
-    """The per-run folder of the first logger (``save_dir/name/version``), if it has one."""
-    if not trainer.loggers:
-        return None
-    logger = trainer.loggers[0]
-    if not isinstance(logger, WandbLogger) or logger.save_dir is None:
-        return None  # CSV/TensorBoard: trainer.log_dir is already per run
-    version = logger.version
-    version = version if isinstance(version, str) else f"version_{version}"
-    return os.path.join(logger.save_dir, str(logger.name), version)
+_LINKED = (
+    "num_icds", "feature_dim", "support_features", "supporting_set", "supporting_set_sha256", "task",
+)  # fmt: skip
+CHECKPOINTS = "checkpoints"
 
 
 class LeverLMCLI(LightningCLI):
-    """LightningCLI with the data -> model links and the default checkpointing."""
+    """``leverlm train fit|validate``: the data -> model links, a run folder (``--out``: config,
+    checkpoints, logs) and resume from its ``last.ckpt`` by default."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -424,37 +395,103 @@ class LeverLMCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "best-{epoch:02d}-{step}",
                 "checkpoint.auto_insert_metric_name": False,
+                # last.ckpt is always the newest: never last-v1.ckpt beside a stale one
+                "checkpoint.enable_version_counter": False,
             }
         )
+        parser.add_argument(
+            "--out", type=str | None, default=None,
+            help="the run folder (config.yaml, checkpoints/, logs/); default: "
+            "trainer.default_root_dir",
+        )  # fmt: skip
+        parser.add_argument(
+            "--overwrite", type=bool, default=False,
+            help="delete the checkpoints in --out (of any run) and start over, instead of "
+            "resuming (same run) or refusing (another run)",
+        )  # fmt: skip
+        parser.add_argument(
+            "--cpu_threads", type=int | None, default=None,
+            help="torch intra-op CPU threads (default: $LEVERLM_THREADS or torch's choice)",
+        )  # fmt: skip
+
+    def before_instantiate_classes(self) -> None:
+        from pathlib import Path
+
+        from leverlm.runs import RunDir, RunHeader, input_fingerprint, is_launcher_rank, set_threads
+
+        cfg = self.config[self.subcommand]
+        set_threads(cfg["cpu_threads"])
+        out = cfg["out"] or cfg["trainer"]["default_root_dir"] or "runs/lever"
+        cfg["trainer"]["default_root_dir"] = cfg["out"] = out
+        if not cfg["checkpoint"]["dirpath"]:
+            cfg["checkpoint"]["dirpath"] = str(Path(out) / CHECKPOINTS)
+        plain = cfg.as_dict()
+        inputs = {"gt": input_fingerprint(plain["data"]["gt_dir"])}
+        if plain["data"].get("features"):
+            inputs["features"] = input_fingerprint(plain["data"]["features"])
+        header = RunHeader("train", _result_config(plain), inputs, [])
+        self.run_dir = run = RunDir(out, results=(CHECKPOINTS, "config.yaml"))
+        run.check_writable()
+        status = run.status(header, cfg["overwrite"])
+        if is_launcher_rank():
+            run.lock()
+            run.prepare(header, cfg["overwrite"])
+        last = Path(cfg["checkpoint"]["dirpath"]) / "last.ckpt"
+        if (
+            self.subcommand == "fit"
+            and status == "resume"
+            and last.is_file()
+            and not cfg.get("ckpt_path")
+        ):
+            cfg["ckpt_path"] = str(last)
+            log.info("resuming from %s (rerun of the same training run in %s)", last, out)
+        else:
+            log.info("training run in %s (%s)", out, status)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        from leverlm.runs import default_logger
+
+        cfg = self.config[self.subcommand]
+        if cfg["trainer"].get("logger") in (None, True):
+            kwargs["logger"] = default_logger(cfg["out"], "leverlm-train")
+        return super().instantiate_trainer(**kwargs)
 
 
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "default_root_dir": "runs/lever",
-    "logger": {
-        "class_path": "leverlm.lever.module.AutoWandbLogger",
-        "init_args": {"save_dir": "runs"},
-    },
-}
+class RunConfigCallback(SaveConfigCallback):
+    """The resolved config: ``OUT/config.yaml``, and logged to every logger."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import yaml
+
+        from leverlm.utils import atomic_open
+
+        text = self.parser.dump(self.config, skip_none=False)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": yaml.safe_load(text)})
+        with atomic_open(os.path.join(trainer.default_root_dir, "config.yaml"), "w") as fh:
+            fh.write(text)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str]) -> int:
     """``leverlm train {fit,validate} [--config ...] [--print_config] [overrides]``."""
     import sys
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     # LightningCLI reads sys.argv (and warns when given both); show "leverlm train" in --help
     saved = sys.argv
     sys.argv = ["leverlm train", *argv]
     try:
-        LeverLMCLI(
+        cli = LeverLMCLI(
             LeverLMModule,
             LeverLMDataModule,
             parser_kwargs={"parser_mode": "omegaconf"},
-            save_config_callback=LoggerSaveConfigCallback,
+            save_config_callback=RunConfigCallback,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=0,
             auto_configure_optimizers=False,
         )
     finally:
         sys.argv = saved
+        run = getattr(locals().get("cli"), "run_dir", None)
+        if run is not None:
+            run.unlock()
     return 0

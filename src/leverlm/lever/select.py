@@ -274,23 +274,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="Lever-LM checkpoint (.ckpt)")
     p.add_argument("--queries", required=True, help="collection of the queries (for their keys)")
     p.add_argument(
-        "--query-features",
+        "--query_features",
         default=None,
         help="feature store of the queries' collection (omit for clip_trainable checkpoints: "
         "the queries are encoded with the checkpoint's CLIP)",
     )
     p.add_argument(
-        "--support-features",
+        "--support_features",
         default=None,
         help="feature store of the supporting set (default: the one recorded in the checkpoint)",
     )
     p.add_argument("--shots", type=int, required=True, help="ICDs per query")
-    p.add_argument("--beam-size", type=int, default=1, help="1 = greedy")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--beam_size", type=int, default=1, help="1 = greedy")
+    p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--limit", type=int, default=None, help="only the first N queries")
     p.add_argument(
-        "--exclude-self",
+        "--exclude_self",
         action="store_true",
         help="never select a query's own position (queries drawn from the supporting set)",
     )
@@ -304,29 +304,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.shots < 1:
         raise SystemExit(f"leverlm select: --shots must be >= 1, got {args.shots}")
     if args.beam_size < 1:
-        raise SystemExit(f"leverlm select: --beam-size must be >= 1, got {args.beam_size}")
+        raise SystemExit(f"leverlm select: --beam_size must be >= 1, got {args.beam_size}")
     for flag, value in (("--ckpt", args.ckpt), ("--queries", args.queries)):
         if not Path(value).exists():
             raise SystemExit(f"leverlm select: {flag} {value} does not exist")
     from leverlm.data.collection import Collection
-    from leverlm.encoders.store import FeatureStoreError, open_store
+    from leverlm.encoders.store import open_store
     from leverlm.utils import atomic_open
 
     queries = Collection(args.queries)
     n = len(queries) if args.limit is None else min(args.limit, len(queries))
     positions = list(range(n))
     query_feats: Any = positions
-    try:
-        lm = LeverLM.from_checkpoint(
-            args.ckpt, support_features=args.support_features, device=args.device
-        )
-        if args.query_features is not None:
-            qsource: Any = open_store(args.query_features, queries, what="--query-features")
-    except FeatureStoreError as err:
-        raise SystemExit(f"leverlm select: {err}") from None
+    lm = LeverLM.from_checkpoint(
+        args.ckpt, support_features=args.support_features, device=args.device
+    )
+    if args.query_features is not None:
+        qsource: Any = open_store(args.query_features, queries, what="--query_features")
     if args.query_features is None:
         if lm.clip is None:
-            raise SystemExit("leverlm select: --query-features is required for this checkpoint")
+            raise SystemExit("leverlm select: --query_features is required for this checkpoint")
         query_feats = encode_collection(
             lm.clip,
             lm.info["clip_model"],

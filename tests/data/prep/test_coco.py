@@ -143,7 +143,7 @@ def test_changed_source_is_a_different_collection(tmp_path: Path) -> None:
 def test_cli_prints_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     raw = make_karpathy(tmp_path / "raw")
     argv = ["coco", "--karpathy", str(raw["karpathy"]), "--images", str(raw["images"])]
-    argv += ["--split", "test", "--out", str(tmp_path / "out"), "--shard-samples", "1"]
+    argv += ["--split", "test", "--out", str(tmp_path / "out"), "--shard_samples", "1"]
     assert leverlm_main(["prep", *argv]) == 0  # through the top-level dispatcher
     out = capsys.readouterr().out.strip().split("\t")
     assert out[:5] == ["coco-karpathy-test", "task=caption", "split=test", "samples=2", "shards=2"]

@@ -255,7 +255,7 @@ def test_bad_input_fails_cleanly(
     data = _tiny_data(tmp_path / "data")
     mutate(data)
     assert (
-        main(["easyvqa", "--data-dir", str(data), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+        main(["easyvqa", "--data_dir", str(data), "--out", str(tmp_path / "out"), "--quiet"]) == 1
     )
     err = capsys.readouterr().err
     assert err.startswith("leverlm prep: error: ") and re.search(message, err), err

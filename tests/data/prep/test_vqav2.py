@@ -161,7 +161,7 @@ def test_truncated_jpeg_needs_full_verify(
 def test_skip_missing(tmp_path: Path) -> None:
     raw = make_vqav2(tmp_path / "raw")
     (raw["images"] / "COCO_val2014_000000393225.jpg").unlink()
-    assert main(_argv(raw, tmp_path / "out", "--skip-missing")) == 0
+    assert main(_argv(raw, tmp_path / "out", "--skip_missing")) == 0
     col = Collection(tmp_path / "out")
     gone = [q for q, e in raw["expected"].items() if e["image_id"] == 393225]
     assert len(col) == len(raw["expected"]) - len(gone)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
-from leverlm.data.collection import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, CollectionError
-from leverlm.data.prep.common import REENCODE_CHOICES, VERIFY_CHOICES, PrepError
+from leverlm.data.collection import CollectionError
+from leverlm.data.prep import prep_coco, prep_easyvqa, prep_vqav2
+from leverlm.data.prep.common import REENCODE_CHOICES, VERIFY_CHOICES, PrepError, PrepOptions
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -35,38 +35,18 @@ def parse_size(text: str) -> int:
     return int(number * _UNITS[unit])
 
 
-def _common(p: argparse.ArgumentParser, out_help: str) -> None:
+def _add_options(p: argparse.ArgumentParser, out_help: str) -> None:
+    """``--out`` and the :class:`PrepOptions` flags (defaults from the class)."""
+    d = PrepOptions()
     p.add_argument("--out", type=Path, required=True, help=out_help)
-    p.add_argument(
-        "--limit", type=int, default=None, help="keep a seeded random subset of this many samples"
-    )
-    p.add_argument(
-        "--limit-seed", type=int, default=0, help="seed of the --limit subset (default 0)"
-    )
-    p.add_argument(
-        "--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES, help="max samples per shard"
-    )
-    p.add_argument(
-        "--shard-bytes",
-        type=parse_size,
-        default=DEFAULT_SHARD_BYTES,
-        help="max bytes per shard, e.g. 256M (default 256M)",
-    )
-    p.add_argument(
-        "--skip-missing",
-        action="store_true",
-        help="skip (and count in the manifest) missing or corrupt images instead of failing",
-    )
-    p.add_argument("--reencode", choices=REENCODE_CHOICES, default="none", help="re-encode images")
-    p.add_argument(
-        "--verify",
-        choices=VERIFY_CHOICES,
-        default="header",
-        help="image check: header (fast) or full (decode every image)",
-    )
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace a different existing collection"
-    )
+    p.add_argument("--limit", type=int, help="keep a seeded random subset of this many samples")
+    p.add_argument("--limit_seed", type=int, default=d.limit_seed, help="seed of the subset")
+    p.add_argument("--shard_samples", type=int, default=d.shard_samples, help="max per shard")
+    p.add_argument("--shard_bytes", type=parse_size, default=d.shard_bytes, help="max, e.g. 256M")
+    p.add_argument("--skip_missing", action="store_true", help="skip (and count) bad images")
+    p.add_argument("--reencode", choices=REENCODE_CHOICES, default=d.reencode, help="re-encode")
+    p.add_argument("--verify", choices=VERIFY_CHOICES, default=d.verify, help="full: decode")
+    p.add_argument("--overwrite", action="store_true", help="replace a different collection")
     p.add_argument("--quiet", action="store_true", help="no progress bar or status lines")
 
 
@@ -78,23 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     coco = sub.add_parser("coco", help="COCO captions (official 2014/2017 JSON or Karpathy split)")
     src = coco.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--captions",
-        "--annotations",
-        dest="captions",
-        type=Path,
-        help="official captions_{train,val}{2014,2017}.json",
-    )
+    src.add_argument("--captions", "--annotations", type=Path, help="official captions_*.json")
     src.add_argument("--karpathy", type=Path, help="Karpathy dataset_coco.json")
-    coco.add_argument(
-        "--images",
-        type=Path,
-        required=True,
-        help="image folder (official: the split's folder; Karpathy: the COCO root)",
-    )
+    images_help = "image folder (official: the split's folder; Karpathy: the COCO root)"
+    coco.add_argument("--images", type=Path, required=True, help=images_help)
     coco.add_argument("--split", help="split (Karpathy: e.g. test or train+restval)")
     coco.add_argument("--name", help="collection name (default from the source and split)")
-    _common(coco, "the collection folder to write")
+    _add_options(coco, "the collection folder to write")
 
     vqa = sub.add_parser("vqav2", help="VQAv2 questions + annotations + COCO images")
     vqa.add_argument(
@@ -107,59 +77,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vqa.add_argument("--split", help="split name (default: subtype without the year)")
     vqa.add_argument("--name", help="collection name (default vqav2-SPLIT)")
-    _common(vqa, "the collection folder to write")
+    _add_options(vqa, "the collection folder to write")
 
     easy = sub.add_parser("easyvqa", help="the embedded easy-vqa set: VQA + caption collections")
     easy.add_argument(
         "--splits", nargs="+", default=["train", "test"], choices=["train", "test"], help="splits"
     )
     easy.add_argument(
-        "--data-dir", type=Path, default=None, help="override the package's data folder"
+        "--data_dir", type=Path, default=None, help="override the package's data folder"
     )
-    _common(easy, "root folder: writes OUT/easyvqa-{vqa,caption}-{train,test}")
+    _add_options(easy, "root folder: writes OUT/easyvqa-{vqa,caption}-{train,test}")
     return parser
 
 
 def _run(args: argparse.Namespace) -> dict[str, Path]:
-    common: dict[str, Any] = {
-        "limit": args.limit,
-        "limit_seed": args.limit_seed,
-        "shard_samples": args.shard_samples,
-        "shard_bytes": args.shard_bytes,
-        "skip_missing": args.skip_missing,
-        "reencode": args.reencode,
-        "verify": args.verify,
-        "overwrite": args.overwrite,
-        "progress": not args.quiet,
-    }
-    if args.source == "coco":
-        from leverlm.data.prep.coco import prep_coco
-
-        return prep_coco(
-            args.out,
-            images=args.images,
-            captions=args.captions,
-            karpathy=args.karpathy,
-            split=args.split,
-            name=args.name,
-            **common,
-        )
-    if args.source == "vqav2":
-        from leverlm.data.prep.vqav2 import prep_vqav2
-
-        return prep_vqav2(
-            args.out,
-            questions=args.questions,
-            annotations=args.annotations,
-            images=args.images,
-            subtype=args.subtype,
-            split=args.split,
-            name=args.name,
-            **common,
-        )
-    from leverlm.data.prep.easyvqa import prep_easyvqa
-
-    return prep_easyvqa(args.out, splits=tuple(args.splits), data_dir=args.data_dir, **common)
+    kw = vars(args).copy()
+    source, out = kw.pop("source"), kw.pop("out")
+    kw["progress"] = not kw.pop("quiet")
+    if source == "easyvqa":
+        kw["splits"] = tuple(kw["splits"])
+    prep = {"coco": prep_coco, "vqav2": prep_vqav2, "easyvqa": prep_easyvqa}[source]
+    return prep(out, **kw)
 
 
 def main(argv: list[str] | None = None) -> int:

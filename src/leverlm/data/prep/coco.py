@@ -21,19 +21,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from leverlm.data.collection import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES
 from leverlm.data.prep.common import (
-    ImageReader,
     PrepError,
     PrepItem,
-    build_collection,
-    check_common_options,
+    PrepOptions,
     check_dir,
     load_json,
+    numbered,
+    prep_one,
     require,
     require_list,
-    say,
-    subset_indices,
 )
 
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
@@ -48,17 +45,11 @@ def coco_key(image_id: int) -> str:
 def parse_coco_captions(path: Path) -> list[dict[str, Any]]:
     """Official captions JSON -> caption records sorted by image id (all checks up front)."""
     data = load_json(path, "COCO captions file")
-    images = require_list(data, "images", file=path)
-    annotations = require_list(data, "annotations", file=path)
     records: dict[int, dict[str, Any]] = {}
-    for i, image in enumerate(images):
-        image_id = require(image, "id", file=path, record_id=f"images[{i}]", kind=int)
-        rid = f"images[{i}] (id {image_id})"
+    for image_id, rid, image in numbered(data, "images", "id", file=path, what="image id"):
         file_name = require(image, "file_name", file=path, record_id=rid, kind=str)
-        if image_id in records:
-            raise PrepError(f"{path}: {rid}: duplicate image id {image_id}")
         records[image_id] = {"image_id": image_id, "file_name": file_name, "captions": []}
-    for i, ann in enumerate(annotations):
+    for i, ann in enumerate(require_list(data, "annotations", file=path)):
         rid = f"annotations[{i}]" + (
             f" (id {ann['id']})" if isinstance(ann, dict) and "id" in ann else ""
         )
@@ -84,11 +75,8 @@ def parse_karpathy(path: Path, splits: tuple[str, ...]) -> list[dict[str, Any]]:
     data = load_json(path, "Karpathy split file")
     if isinstance(data, dict) and data.get("dataset", "coco") != "coco":
         raise PrepError(f"{path}: field 'dataset' is {data['dataset']!r}, expected 'coco'")
-    images = require_list(data, "images", file=path)
     records: dict[int, dict[str, Any]] = {}
-    for i, image in enumerate(images):
-        cocoid = require(image, "cocoid", file=path, record_id=f"images[{i}]", kind=int)
-        rid = f"images[{i}] (cocoid {cocoid})"
+    for cocoid, rid, image in numbered(data, "images", "cocoid", file=path):
         split = require(image, "split", file=path, record_id=rid, kind=str)
         if split not in KARPATHY_SPLITS:
             raise PrepError(
@@ -107,8 +95,6 @@ def parse_karpathy(path: Path, splits: tuple[str, ...]) -> list[dict[str, Any]]:
             continue
         if not captions:
             raise PrepError(f"{path}: {rid}: no sentences")
-        if cocoid in records:
-            raise PrepError(f"{path}: {rid}: duplicate cocoid {cocoid}")
         records[cocoid] = {
             "image_id": cocoid,
             "file_name": f"{filepath}/{filename}",
@@ -126,15 +112,7 @@ def prep_coco(
     karpathy: str | os.PathLike | None = None,
     split: str | None = None,
     name: str | None = None,
-    limit: int | None = None,
-    limit_seed: int = 0,
-    shard_samples: int = DEFAULT_SHARD_SAMPLES,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    skip_missing: bool = False,
-    reencode: str = "none",
-    verify: str = "header",
-    overwrite: bool = False,
-    progress: bool = True,
+    **options: Any,
 ) -> dict[str, Path]:
     """Write a COCO caption collection at ``out_dir``; return ``{name: out_dir}``.
 
@@ -146,15 +124,9 @@ def prep_coco(
             e.g. ``test`` or ``train+restval``.
         name: collection name (manifest, CLI summary); default ``coco{year}-{split}``
             (official) or ``coco-karpathy-{split}``.
-        limit: keep a seeded (``limit_seed``) uniform subset of this many images.
+        options: :class:`~leverlm.data.prep.common.PrepOptions` (``limit`` counts images).
     """
-    check_common_options(
-        reencode=reencode,
-        verify=verify,
-        shard_samples=shard_samples,
-        shard_bytes=shard_bytes,
-        limit=limit,
-    )
+    opts = PrepOptions(**options)
     if (captions is None) == (karpathy is None):
         raise PrepError("pass exactly one of --captions (official COCO JSON) or --karpathy")
     image_root = check_dir(images, "COCO images")
@@ -184,29 +156,16 @@ def prep_coco(
         role, fmt = "Karpathy split file", "karpathy"
     if not records:
         raise PrepError(f"{source}: no images for split {split!r}")
-    chosen = [records[i] for i in subset_indices(len(records), limit, limit_seed)]
-    items = [PrepItem(coco_key(r["image_id"]), image_root / r["file_name"], r) for r in chosen]
-    say(f"{name}: {len(items)} images from {source}", progress)
-    path = build_collection(
-        items,
-        out_dir=Path(out_dir),
+    return prep_one(
+        records,
+        lambda r: PrepItem(coco_key(r["image_id"]), image_root / r["file_name"], r),
+        opts,
+        out_dir=out_dir,
+        what="images",
         name=name,
         task="caption",
         split=split,
         sources=[(role, source)],
         image_root=image_root,
-        options={
-            "source_format": fmt,
-            "limit": limit,
-            "limit_seed": limit_seed if limit else None,
-            "reencode": reencode,
-            "verify": verify,
-        },
-        reader=ImageReader(reencode=reencode, verify=verify),
-        shard_samples=shard_samples,
-        shard_bytes=shard_bytes,
-        skip_missing=skip_missing,
-        overwrite=overwrite,
-        progress=progress,
+        source_options={"source_format": fmt},
     )
-    return {name: path}

@@ -1,14 +1,18 @@
 """Shared prep machinery: input checks with precise errors, image reading, the write driver.
 
-Every ``prep_*`` function parses and validates its official files first (no output touched),
-then hands a list of :class:`PrepItem` to :func:`build_collection`, which
+Every ``prep_*`` function checks its :class:`PrepOptions`, parses and validates its official
+files (no output touched), then hands lists of :class:`PrepItem` to :func:`plan_collection`,
+which
 
 1. stats the referenced images and hashes the source files -> a *fingerprint*
    (sha256 of the sources' sha256, the image listing (relative name, size) and the options);
-2. returns at once if ``out_dir`` already holds a complete collection with that fingerprint,
-   and refuses (:class:`PrepError`) to replace a *different* one unless ``overwrite``;
-3. writes through :class:`~leverlm.data.collection.CollectionWriter` (temp folder beside the
-   output, fsync, rename), so an error leaves neither a half collection nor a temp folder.
+2. marks the plan up to date if ``out_dir`` already holds a complete collection with that
+   fingerprint, and refuses (:class:`PrepError`) to replace a *different* one unless
+   ``overwrite``;
+
+then :func:`write_planned` writes through :class:`~leverlm.data.collection.CollectionWriter`
+(temp folder beside the output, fsync, rename), so an error leaves neither a half collection
+nor a temp folder.
 
 Image content changes that keep a file's size are not detected by the fingerprint (hashing
 every image would make the no-op check as slow as the prep); ``overwrite`` forces a rebuild.
@@ -22,7 +26,7 @@ import os
 import random
 import sys
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ from leverlm.data.collection import (
     CollectionError,
     CollectionWriter,
     SampleRecord,
+    check_shard_limits,
     folder_state,
 )
 from leverlm.errors import LeverError
@@ -59,6 +64,65 @@ class PrepError(LeverError):
 
 
 @dataclass(frozen=True)
+class PrepOptions:
+    """The options of every ``prep_*`` function (its keywords) and of ``leverlm prep`` (flags).
+
+    Attributes:
+        limit: keep a seeded (``limit_seed``) uniform subset of this many samples.
+        shard_samples, shard_bytes: the most samples and bytes per shard.
+        skip_missing: skip (and count in the manifest) missing or corrupt images instead of
+            failing.
+        reencode: ``none`` keeps the source bytes; ``jpg``/``png`` decode to RGB and re-encode.
+        verify: ``header`` (PIL identify + verify: catches non-images and broken structure,
+            cheap) or ``full`` (decode every image: also catches truncated pixel data).
+        overwrite: replace a different existing collection.
+        progress: a progress bar and status lines on stderr.
+    """
+
+    limit: int | None = None
+    limit_seed: int = 0
+    shard_samples: int = DEFAULT_SHARD_SAMPLES
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    skip_missing: bool = False
+    reencode: str = "none"
+    verify: str = "header"
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        # Checked before any input is read.
+        if self.reencode not in REENCODE_CHOICES:
+            raise PrepError(f"reencode must be one of {REENCODE_CHOICES}, got {self.reencode!r}")
+        if self.verify not in VERIFY_CHOICES:
+            raise PrepError(f"verify must be one of {VERIFY_CHOICES}, got {self.verify!r}")
+        if self.limit is not None and self.limit < 1:
+            raise PrepError(f"limit must be >= 1, got {self.limit}")
+        check_shard_limits(self.shard_samples, self.shard_bytes)
+
+    def subset(self, n: int) -> list[int]:
+        """Indices 0..n-1, or a seeded uniform subset of ``limit`` of them, kept in order."""
+        if self.limit is None or self.limit >= n:
+            return list(range(n))
+        return sorted(random.Random(self.limit_seed).sample(range(n), self.limit))
+
+    def manifest(self, **source: Any) -> dict[str, Any]:
+        """The manifest's ``options`` (hashed into the fingerprint): ``source`` + these."""
+        return {
+            **source,
+            "limit": self.limit,
+            "limit_seed": self.limit_seed if self.limit else None,
+            "reencode": self.reencode,
+            "verify": self.verify,
+            "shard_samples": self.shard_samples,
+            "shard_bytes": self.shard_bytes,
+            "skip_missing": self.skip_missing,
+        }
+
+    def reader(self, cache_size: int | None = 16) -> ImageReader:
+        return ImageReader(self.reencode, self.verify, cache_size)
+
+
+@dataclass(frozen=True)
 class PrepItem:
     """One sample before its image is read: key, image file, json fields."""
 
@@ -76,14 +140,6 @@ def say(message: str, enabled: bool = True) -> None:
 # -- input checks -----------------------------------------------------------------------------
 
 
-def check_file(path: str | os.PathLike, role: str) -> Path:
-    """``path`` as a Path, or PrepError naming the missing file and what it should be."""
-    path = Path(path)
-    if not path.is_file():
-        raise PrepError(f"{role} not found: {path}")
-    return path
-
-
 def check_dir(path: str | os.PathLike, role: str) -> Path:
     """``path`` as a Path, or PrepError naming the missing folder and what it should be."""
     path = Path(path)
@@ -94,7 +150,9 @@ def check_dir(path: str | os.PathLike, role: str) -> Path:
 
 def load_json(path: str | os.PathLike, role: str) -> Any:
     """Parse a JSON file; errors name the file and, for bad JSON, the line/column/position."""
-    path = check_file(path, role)
+    path = Path(path)
+    if not path.is_file():
+        raise PrepError(f"{role} not found: {path}")
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
@@ -141,29 +199,24 @@ def require_list(obj: Any, field: str, *, file: str | os.PathLike) -> list[Any]:
     return require(obj, field, file=file, record_id="top level", kind=list)
 
 
-def subset_indices(n: int, limit: int | None, seed: int) -> list[int]:
-    """Indices 0..n-1, or a seeded uniform subset of ``limit`` of them, kept in order."""
-    if limit is None or limit >= n:
-        return list(range(n))
-    if limit < 1:
-        raise PrepError(f"--limit must be >= 1, got {limit}")
-    return sorted(random.Random(seed).sample(range(n), limit))
+def numbered(
+    obj: Any, list_name: str, id_field: str, *, file: str | os.PathLike, what: str | None = None
+) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """``(id, record id for errors, record)`` of each record of the top-level list
+    ``obj[list_name]``; a record without an int ``id_field``, or with a repeated one, is an error.
 
-
-def check_common_options(
-    *, reencode: str, verify: str, shard_samples: int, shard_bytes: int, limit: int | None
-) -> None:
-    """Reject bad option values before any work starts."""
-    if reencode not in REENCODE_CHOICES:
-        raise PrepError(f"reencode must be one of {REENCODE_CHOICES}, got {reencode!r}")
-    if verify not in VERIFY_CHOICES:
-        raise PrepError(f"verify must be one of {VERIFY_CHOICES}, got {verify!r}")
-    if shard_samples < 1:
-        raise PrepError(f"shard_samples must be >= 1, got {shard_samples}")
-    if shard_bytes < 1024:
-        raise PrepError(f"shard_bytes must be >= 1024, got {shard_bytes}")
-    if limit is not None and limit < 1:
-        raise PrepError(f"limit must be >= 1, got {limit}")
+    Args:
+        what: how the duplicate error names the id (default ``id_field``).
+    """
+    seen: set[int] = set()
+    for i, record in enumerate(require_list(obj, list_name, file=file)):
+        rid = f"{list_name}[{i}]"
+        value = require(record, id_field, file=file, record_id=rid, kind=int)
+        rid = f"{rid} ({id_field} {value})"
+        if value in seen:
+            raise PrepError(f"{file}: {rid}: duplicate {what or id_field} {value}")
+        seen.add(value)
+        yield value, rid, record
 
 
 # -- images -----------------------------------------------------------------------------------
@@ -173,18 +226,12 @@ class ImageReader:
     """Read image files as stored bytes (checked), or re-encoded; errors name the file.
 
     Args:
-        reencode: ``none`` keeps the source bytes; ``jpg``/``png`` decode to RGB and re-encode.
-        verify: ``header`` (PIL identify + verify: catches non-images and broken structure,
-            cheap) or ``full`` (decode every image: also catches truncated pixel data).
+        reencode, verify: as in :class:`PrepOptions` (which checks them).
         cache_size: images kept in memory (LRU) so a file used by several samples, e.g. an
             image with many questions, is read once; None keeps all.
     """
 
     def __init__(self, reencode: str = "none", verify: str = "header", cache_size: int | None = 16):
-        if reencode not in REENCODE_CHOICES:
-            raise PrepError(f"reencode must be one of {REENCODE_CHOICES}, got {reencode!r}")
-        if verify not in VERIFY_CHOICES:
-            raise PrepError(f"verify must be one of {VERIFY_CHOICES}, got {verify!r}")
         self.reencode, self.verify, self.cache_size = reencode, verify, cache_size
         self._cache: OrderedDict[Path, tuple[bytes, str] | PrepError] = OrderedDict()
         self.files_read = 0
@@ -265,16 +312,13 @@ class CollectionPlan:
     task: str
     split: str
     image_root: Path | None
+    prep: PrepOptions
     options: dict[str, Any]
     fingerprint: str
     source_info: list[dict[str, Any]]
     sizes: dict[Path, int | None]
     listing: list[tuple[str, int | None]]
-    up_to_date: bool
-    shard_samples: int
-    shard_bytes: int
-    skip_missing: bool
-    overwrite: bool
+    up_to_date: bool = False
 
 
 def plan_collection(
@@ -286,22 +330,19 @@ def plan_collection(
     split: str,
     sources: Sequence[tuple[str, Path]],
     image_root: Path | None,
-    options: dict[str, Any],
-    shard_samples: int = DEFAULT_SHARD_SAMPLES,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    skip_missing: bool = False,
-    overwrite: bool = False,
+    options: PrepOptions,
+    source_options: dict[str, Any] | None = None,
 ) -> CollectionPlan:
     """Fingerprint an output and check it can be written; nothing is written here.
 
     Raises PrepError if ``out_dir`` holds a different collection (or other files) and
-    ``overwrite`` is off, or if images are missing and ``skip_missing`` is off.
+    ``options.overwrite`` is off, or if images are missing and ``options.skip_missing`` is off.
 
     Args:
         sources: ``(role, path)`` of each annotation file read; hashed into the fingerprint.
         image_root: the image folder; listings use names relative to it.
-        options: everything that shapes the output (limit, reencode, splits...); stored in the
-            manifest and hashed into the fingerprint with the shard sizes and skip_missing.
+        source_options: what else shapes the output (source format, subtype...); stored in the
+            manifest and hashed into the fingerprint with ``options``.
     """
     out_dir = Path(out_dir)
     # 1. fingerprint: sources by content, images by (relative name, size)
@@ -317,12 +358,7 @@ def plan_collection(
             except OSError:
                 sizes[item.image_path] = None
     listing = [(_relative(p, image_root), s) for p, s in sizes.items()]
-    options = {
-        **options,
-        "shard_samples": shard_samples,
-        "shard_bytes": shard_bytes,
-        "skip_missing": skip_missing,
-    }
+    manifest_options = options.manifest(**(source_options or {}))
     fingerprint = sha256_json(
         {
             "name": name,
@@ -330,27 +366,24 @@ def plan_collection(
             "split": split,
             "sources": [(s["role"], s["sha256"]) for s in source_info],
             "images": sha256_json(listing),
-            "options": options,
+            "options": manifest_options,
         }
     )
     plan = CollectionPlan(
-        items=items,
-        out_dir=out_dir,
-        name=name,
-        task=task,
-        split=split,
-        image_root=image_root,
-        options=options,
-        fingerprint=fingerprint,
-        source_info=source_info,
-        sizes=sizes,
-        listing=listing,
-        up_to_date=False,
-        shard_samples=shard_samples,
-        shard_bytes=shard_bytes,
-        skip_missing=skip_missing,
-        overwrite=overwrite,
+        items,
+        out_dir,
+        name,
+        task,
+        split,
+        image_root,
+        options,
+        manifest_options,
+        fingerprint,
+        source_info,
+        sizes,
+        listing,
     )
+    overwrite = options.overwrite
 
     # 2. an existing output: up to date, or a conflict
     state = folder_state(out_dir)
@@ -374,7 +407,7 @@ def plan_collection(
         elif not overwrite:
             raise PrepError(
                 f"output folder {out_dir} already holds a different collection "
-                f"({old.get('name')!r}: {_options_diff(old.get('options', {}), options)}); "
+                f"({old.get('name')!r}: {_options_diff(old.get('options', {}), manifest_options)}); "
                 "pass --overwrite to replace it"
             )
     elif state == "other" and not overwrite:
@@ -385,18 +418,19 @@ def plan_collection(
 
     # 3. missing images are known now: fail before writing anything
     missing = [p for p, size in sizes.items() if size is None]
-    if missing and not skip_missing:
+    if missing and not options.skip_missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise PrepError(f"image not found: {missing[0]}{more}; pass --skip-missing to skip")
+        raise PrepError(f"image not found: {missing[0]}{more}; pass --skip_missing to skip")
     return plan
 
 
-def write_planned(plan: CollectionPlan, reader: ImageReader, progress: bool = True) -> Path:
+def write_planned(plan: CollectionPlan, reader: ImageReader) -> Path:
     """Write a planned collection (or say it is up to date); return its path."""
+    opts = plan.prep
     if plan.up_to_date:
         say(
             f"{plan.name}: up to date at {plan.out_dir} (same sources and options), nothing to do",
-            progress,
+            opts.progress,
         )
         return plan.out_dir
     skipped: list[dict[str, str]] = []
@@ -407,12 +441,12 @@ def write_planned(plan: CollectionPlan, reader: ImageReader, progress: bool = Tr
             name=plan.name,
             task=plan.task,
             split=plan.split,
-            shard_samples=plan.shard_samples,
-            shard_bytes=plan.shard_bytes,
-            overwrite=plan.overwrite,
+            shard_samples=opts.shard_samples,
+            shard_bytes=opts.shard_bytes,
+            overwrite=opts.overwrite,
         ) as writer:
             iterator: Any = plan.items
-            if progress:
+            if opts.progress:
                 from tqdm.auto import tqdm
 
                 iterator = tqdm(
@@ -424,7 +458,7 @@ def write_planned(plan: CollectionPlan, reader: ImageReader, progress: bool = Tr
                         raise PrepError(f"image not found: {item.image_path}")
                     data, ext = reader.read(item.image_path)
                 except PrepError as err:
-                    if not plan.skip_missing:
+                    if not opts.skip_missing:
                         raise
                     skipped_count += 1
                     if len(skipped) < _MAX_LISTED_SKIPS:
@@ -460,45 +494,29 @@ def write_planned(plan: CollectionPlan, reader: ImageReader, progress: bool = Tr
         f"{plan.name}: wrote {len(writer)} samples"
         + (f" (skipped {skipped_count})" if skipped_count else "")
         + f" -> {path}",
-        progress,
+        opts.progress,
     )
     return path
 
 
-def build_collection(
-    items: Sequence[PrepItem],
+def prep_one(
+    records: Sequence[dict[str, Any]],
+    item: Callable[[dict[str, Any]], PrepItem],
+    options: PrepOptions,
     *,
     out_dir: str | os.PathLike,
-    name: str,
-    task: str,
-    split: str,
-    sources: Sequence[tuple[str, Path]],
-    image_root: Path | None,
-    options: dict[str, Any],
-    reader: ImageReader,
-    shard_samples: int = DEFAULT_SHARD_SAMPLES,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    skip_missing: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Write ``items`` as a collection at ``out_dir``, or do nothing if it is up to date.
+    what: str,
+    **plan: Any,
+) -> dict[str, Path]:
+    """Write the ``options.limit`` subset of ``records`` (each made a sample by ``item``) as one
+    collection; return ``{name: path}``.
 
-    :func:`plan_collection` (fingerprint, conflicts, missing images) then
-    :func:`write_planned`; see those for the arguments.
+    Args:
+        what: what a record is (``images``, ``questions``), for the status line.
+        plan: the other keywords of :func:`plan_collection`.
     """
-    plan = plan_collection(
-        items,
-        out_dir=out_dir,
-        name=name,
-        task=task,
-        split=split,
-        sources=sources,
-        image_root=image_root,
-        options=options,
-        shard_samples=shard_samples,
-        shard_bytes=shard_bytes,
-        skip_missing=skip_missing,
-        overwrite=overwrite,
-    )
-    return write_planned(plan, reader, progress)
+    items = [item(records[i]) for i in options.subset(len(records))]
+    name = plan["name"]
+    say(f"{name}: {len(items)} {what} from {plan['sources'][0][1]}", options.progress)
+    planned = plan_collection(items, out_dir=out_dir, options=options, **plan)
+    return {name: write_planned(planned, options.reader())}

@@ -36,18 +36,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from leverlm.data.collection import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES
 from leverlm.data.prep.common import (
     CollectionPlan,
-    ImageReader,
     PrepError,
     PrepItem,
-    check_common_options,
+    PrepOptions,
     check_dir,
     load_json,
     plan_collection,
     say,
-    subset_indices,
     write_planned,
 )
 
@@ -161,20 +158,22 @@ def load_split(
         if path.suffix == ".png" and path.stem.isdigit():
             images[int(path.stem)] = path
     # A question about an image without a file keeps its expected path, so the image check
-    # names the missing file (or --skip-missing skips it) instead of a KeyError here.
+    # names the missing file (or --skip_missing skips it) instead of a KeyError here.
     for _, _, image_id in questions:
         images.setdefault(image_id, image_dir / f"{image_id}.png")
     return qpath, questions, dict(sorted(images.items()))
 
 
-def _vqa_items(
+def _split_items(
     split: str,
     questions: Sequence[tuple[str, str, int]],
     images: dict[int, Path],
-    chosen: list[int],
-) -> list[PrepItem]:
-    items = []
-    for i in chosen:
+    options: PrepOptions,
+) -> list[tuple[str, str, list[PrepItem]]]:
+    """``(name, task, items)`` of the split's VQA and caption collections (``options.limit``
+    subsets: of the questions, of the images; captions still use all of an image's questions)."""
+    vqa = []
+    for i in options.subset(len(questions)):
         question, answer, image_id = questions[i]
         fields: dict[str, Any] = {
             "question_id": i,
@@ -185,22 +184,13 @@ def _vqa_items(
             "answer_type": "yes/no" if answer in YES_NO else "other",
             "question_type": question_type(question),
         }
-        items.append(PrepItem(f"easyvqa-{split}-q{i:06d}", images[image_id], fields))
-    return items
-
-
-def _caption_items(
-    split: str,
-    questions: Sequence[tuple[str, str, int]],
-    images: dict[int, Path],
-    chosen: list[int],
-) -> list[PrepItem]:
+        vqa.append(PrepItem(f"easyvqa-{split}-q{i:06d}", images[image_id], fields))
     per_image: dict[int, list[tuple[str, str]]] = defaultdict(list)
     for question, answer, image_id in questions:
         per_image[image_id].append((question, answer))
     ids = list(images)
-    items = []
-    for j in chosen:
+    captions = []
+    for j in options.subset(len(images)):
         image_id = ids[j]
         caption, shape, color = derive_caption(
             per_image.get(image_id, ()), image=f"easy-vqa {split} image {image_id}"
@@ -213,8 +203,8 @@ def _caption_items(
             "shape": shape,
             "color": color,
         }
-        items.append(PrepItem(f"easyvqa-{split}-i{image_id:04d}", images[image_id], fields))
-    return items
+        captions.append(PrepItem(f"easyvqa-{split}-i{image_id:04d}", images[image_id], fields))
+    return [(vqa_name(split), "vqa", vqa), (caption_name(split), "caption", captions)]
 
 
 def prep_easyvqa(
@@ -222,56 +212,27 @@ def prep_easyvqa(
     *,
     splits: Sequence[str] = SPLITS,
     data_dir: str | os.PathLike | None = None,
-    limit: int | None = None,
-    limit_seed: int = 0,
-    shard_samples: int = DEFAULT_SHARD_SAMPLES,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    skip_missing: bool = False,
-    reencode: str = "none",
-    verify: str = "header",
-    overwrite: bool = False,
-    progress: bool = True,
+    **options: Any,
 ) -> dict[str, Path]:
     """Write the easy-vqa VQA and caption collections; return ``{name: path}``.
 
     Args:
         splits: which of ``train``/``test`` to write.
         data_dir: a folder laid out like the package's ``data`` (default: the installed one).
-        limit: per collection, keep a seeded (``limit_seed``) subset of this many questions
-            (VQA) or images (caption); captions still use all of an image's questions.
+        options: :class:`~leverlm.data.prep.common.PrepOptions`; ``limit`` applies per
+            collection, to the questions (VQA) or the images (caption).
     """
-    check_common_options(
-        reencode=reencode,
-        verify=verify,
-        shard_samples=shard_samples,
-        shard_bytes=shard_bytes,
-        limit=limit,
-    )
+    opts = PrepOptions(**options)
     bad = [s for s in splits if s not in SPLITS]
     if bad or not splits:
         raise PrepError(f"unknown easy-vqa split(s) {bad or list(splits)}; use {SPLITS}")
     data_dir = check_dir(data_dir if data_dir is not None else default_data_dir(), "easy-vqa data")
     # Parse, derive and plan everything first: bad input or an output conflict fails before
     # any collection is written.
-    options = {
-        "limit": limit,
-        "limit_seed": limit_seed if limit else None,
-        "reencode": reencode,
-        "verify": verify,
-    }
     plans: list[CollectionPlan] = []
     for split in splits:
         qpath, questions, images = load_split(data_dir, split)
-        vqa = _vqa_items(
-            split, questions, images, subset_indices(len(questions), limit, limit_seed)
-        )
-        cap = _caption_items(
-            split, questions, images, subset_indices(len(images), limit, limit_seed)
-        )
-        for name, task, items in (
-            (vqa_name(split), "vqa", vqa),
-            (caption_name(split), "caption", cap),
-        ):
+        for name, task, items in _split_items(split, questions, images, opts):
             plans.append(
                 plan_collection(
                     items,
@@ -281,24 +242,20 @@ def prep_easyvqa(
                     split=split,
                     sources=[(f"easy-vqa {split} questions", qpath)],
                     image_root=qpath.parent / "images",
-                    options=options,
-                    shard_samples=shard_samples,
-                    shard_bytes=shard_bytes,
-                    skip_missing=skip_missing,
-                    overwrite=overwrite,
+                    options=opts,
                 )
             )
     # One reader for all collections: each image file is read (and checked) once. The set is
     # small (~20 MB), so read what will be written up front: a corrupt image then fails before
     # any collection is written (with skip_missing, the cached error skips its samples later).
-    reader = ImageReader(reencode=reencode, verify=verify, cache_size=None)
-    if not skip_missing:
+    reader = opts.reader(cache_size=None)
+    if not opts.skip_missing:
         for plan in plans:
             if not plan.up_to_date:
                 for item in plan.items:
                     reader.read(item.image_path)
     out: dict[str, Path] = {}
     for plan in plans:
-        say(f"{plan.name}: {len(plan.items)} samples from {data_dir}", progress)
-        out[plan.name] = write_planned(plan, reader, progress)
+        say(f"{plan.name}: {len(plan.items)} samples from {data_dir}", opts.progress)
+        out[plan.name] = write_planned(plan, reader)
     return out

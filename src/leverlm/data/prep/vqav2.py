@@ -19,19 +19,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from leverlm.data.collection import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES
 from leverlm.data.prep.common import (
-    ImageReader,
     PrepError,
     PrepItem,
-    build_collection,
-    check_common_options,
+    PrepOptions,
     check_dir,
     load_json,
+    numbered,
+    prep_one,
     require,
-    require_list,
-    say,
-    subset_indices,
 )
 
 NUM_ANSWERS = 10
@@ -59,20 +55,14 @@ def parse_vqav2(
     """Join questions and annotations -> (records sorted by question_id, data subtype)."""
     qdata = load_json(questions_path, "VQAv2 questions file")
     adata = load_json(annotations_path, "VQAv2 annotations file")
-    questions = require_list(qdata, "questions", file=questions_path)
-    annotations = require_list(adata, "annotations", file=annotations_path)
     q_sub, a_sub = _subtype(qdata, questions_path), _subtype(adata, annotations_path)
     if q_sub and a_sub and q_sub != a_sub:
         raise PrepError(
             f"{questions_path} is {q_sub} but {annotations_path} is {a_sub}: mismatched files"
         )
     by_id: dict[int, dict[str, Any]] = {}
-    for i, ann in enumerate(annotations):
-        f = annotations_path
-        qid = require(ann, "question_id", file=f, record_id=f"annotations[{i}]", kind=int)
-        rid = f"annotations[{i}] (question_id {qid})"
-        if qid in by_id:
-            raise PrepError(f"{f}: {rid}: duplicate question_id {qid}")
+    f = annotations_path
+    for qid, rid, ann in numbered(adata, "annotations", "question_id", file=f):
         answers = require(ann, "answers", file=f, record_id=rid, kind=list)
         if len(answers) != NUM_ANSWERS:
             raise PrepError(
@@ -89,14 +79,10 @@ def parse_vqav2(
             "question_type": require(ann, "question_type", file=f, record_id=rid, kind=str),
         }
     records: dict[int, dict[str, Any]] = {}
-    for i, q in enumerate(questions):
-        f = questions_path
-        qid = require(q, "question_id", file=f, record_id=f"questions[{i}]", kind=int)
-        rid = f"questions[{i}] (question_id {qid})"
+    f = questions_path
+    for qid, rid, q in numbered(qdata, "questions", "question_id", file=f):
         image_id = require(q, "image_id", file=f, record_id=rid, kind=int)
         text = require(q, "question", file=f, record_id=rid, kind=str)
-        if qid in records:
-            raise PrepError(f"{f}: {rid}: duplicate question_id {qid}")
         ann = by_id.get(qid)
         if ann is None:
             raise PrepError(
@@ -107,15 +93,7 @@ def parse_vqav2(
                 f"{f}: {rid}: image_id {image_id} but its annotation in {annotations_path} "
                 f"says {ann['image_id']}"
             )
-        records[qid] = {
-            "question_id": qid,
-            "image_id": image_id,
-            "question": text,
-            "answers": ann["answers"],
-            "answer": ann["answer"],
-            "answer_type": ann["answer_type"],
-            "question_type": ann["question_type"],
-        }
+        records[qid] = {"question_id": qid, "image_id": image_id, "question": text, **ann}
     return [records[k] for k in sorted(records)], q_sub or a_sub
 
 
@@ -128,15 +106,7 @@ def prep_vqav2(
     subtype: str | None = None,
     split: str | None = None,
     name: str | None = None,
-    limit: int | None = None,
-    limit_seed: int = 0,
-    shard_samples: int = DEFAULT_SHARD_SAMPLES,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    skip_missing: bool = False,
-    reencode: str = "none",
-    verify: str = "header",
-    overwrite: bool = False,
-    progress: bool = True,
+    **options: Any,
 ) -> dict[str, Path]:
     """Write a VQAv2 collection at ``out_dir``; return ``{name: out_dir}``.
 
@@ -146,15 +116,9 @@ def prep_vqav2(
             ``data_subtype``, else their names.
         split: collection split; default: ``subtype`` without the year.
         name: collection name (manifest, CLI summary); default ``vqav2-{split}``.
-        limit: keep a seeded (``limit_seed``) uniform subset of this many questions.
+        options: :class:`~leverlm.data.prep.common.PrepOptions` (``limit`` counts questions).
     """
-    check_common_options(
-        reencode=reencode,
-        verify=verify,
-        shard_samples=shard_samples,
-        shard_bytes=shard_bytes,
-        limit=limit,
-    )
+    opts = PrepOptions(**options)
     questions_path, annotations_path = Path(questions), Path(annotations)
     image_root = check_dir(images, "COCO images")
     records, found = parse_vqav2(questions_path, annotations_path)
@@ -164,40 +128,22 @@ def prep_vqav2(
             f"cannot tell the COCO image subtype (e.g. train2014) of {questions_path}; pass --subtype"
         )
     split = split or _SUBTYPE.fullmatch(subtype).group(1)  # type: ignore[union-attr]
-    name = name or f"vqav2-{split}"
     if not records:
         raise PrepError(f"{questions_path}: no questions")
-    chosen = [records[i] for i in subset_indices(len(records), limit, limit_seed)]
-    items = [
-        PrepItem(
-            vqav2_key(r["question_id"]),
-            image_root / f"COCO_{subtype}_{r['image_id']:012d}.jpg",
-            r,
-        )
-        for r in chosen
-    ]
-    say(f"{name}: {len(items)} questions from {questions_path}", progress)
-    path = build_collection(
-        items,
-        out_dir=Path(out_dir),
-        name=name,
+    # Questions are sorted by id and VQAv2 ids group by image: the reader's small LRU reads
+    # each image once.
+    return prep_one(
+        records,
+        lambda r: PrepItem(
+            vqav2_key(r["question_id"]), image_root / f"COCO_{subtype}_{r['image_id']:012d}.jpg", r
+        ),
+        opts,
+        out_dir=out_dir,
+        what="questions",
+        name=name or f"vqav2-{split}",
         task="vqa",
         split=split,
         sources=[("VQAv2 questions", questions_path), ("VQAv2 annotations", annotations_path)],
         image_root=image_root,
-        options={
-            "subtype": subtype,
-            "limit": limit,
-            "limit_seed": limit_seed if limit else None,
-            "reencode": reencode,
-            "verify": verify,
-        },
-        # Questions are sorted by id and VQAv2 ids group by image: a small LRU reads each once.
-        reader=ImageReader(reencode=reencode, verify=verify),
-        shard_samples=shard_samples,
-        shard_bytes=shard_bytes,
-        skip_missing=skip_missing,
-        overwrite=overwrite,
-        progress=progress,
+        source_options={"subtype": subtype},
     )
-    return {name: path}

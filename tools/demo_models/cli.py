@@ -1,4 +1,4 @@
-"""``python -m leverlm.demo_models {clip,lvlm,all} --out DIR``: train the demo world's models.
+"""``python -m tools.demo_models {clip,lvlm,all} --out DIR``: train the demo's models.
 
 Reads the easy-vqa collections of ``leverlm prep easyvqa --out DATA`` (default
 ``runs/demo/data``) and writes ``OUT/clip/<CLIP_FILE>`` + ``metrics.json`` and ``OUT/lvlm/``
@@ -17,14 +17,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from leverlm.demo_models import clip_checkpoint, lvlm_dir
-from leverlm.demo_models.data import DemoModelsError
+from leverlm.demo import clip_checkpoint, lvlm_dir
+from leverlm.utils import atomic_write_json
+from tools.demo_models.data import DemoModelsError
 
 PARTS = ("clip", "lvlm", "all")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m leverlm.demo_models", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m tools.demo_models", description=__doc__)
     p.add_argument("part", choices=PARTS, help="which model(s) to train")
     p.add_argument("--out", type=Path, required=True, help="output folder (clip/, lvlm/)")
     p.add_argument(
@@ -37,13 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument(
-        "--eval-queries",
+        "--eval_queries",
         type=int,
         default=300,
         help="test queries for the LVLM's generate() evaluation (0: skip)",
     )
     p.add_argument(
-        "--val-episodes",
+        "--val_episodes",
         type=int,
         default=None,
         help="held-out episodes per periodic LVLM validation (0: none)",
@@ -53,12 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check(args: argparse.Namespace) -> None:
     """Every input checked before any training starts."""
-    from leverlm.demo_models.data import open_collection
+    from tools.demo_models.data import open_collection
 
     if args.steps is not None and args.steps < 1:
         raise DemoModelsError(f"--steps must be >= 1, got {args.steps}")
     if args.threads < 1 or args.eval_queries < 0:
-        raise DemoModelsError("--threads must be >= 1 and --eval-queries >= 0")
+        raise DemoModelsError("--threads must be >= 1 and --eval_queries >= 0")
     if args.part in ("clip", "all"):
         for split in ("train", "test"):
             open_collection(args.data / f"easyvqa-caption-{split}", "caption")
@@ -79,28 +80,19 @@ def _with_steps(config: Any, steps: int | None) -> Any:
     )
 
 
-def run_clip(args: argparse.Namespace, command: str) -> dict:
-    from leverlm.demo_models.clip import ClipTrainConfig, train_clip
-    from leverlm.utils import atomic_write_json
+def run_clip(args: argparse.Namespace, command: str) -> None:
+    from tools.demo_models.clip import ClipTrainConfig, train_clip
 
     config = _with_steps(ClipTrainConfig(seed=args.seed), args.steps)
     out = clip_checkpoint(args.out).parent
-    result = train_clip(
-        args.data / "easyvqa-caption-train",
-        args.data / "easyvqa-caption-test",
-        out,
-        args.work,
-        config,
-    )
-    result["command"] = command
-    atomic_write_json(out / "metrics.json", result)
-    return result
+    train, test = (args.data / f"easyvqa-caption-{split}" for split in ("train", "test"))
+    result = train_clip(train, test, out, args.work, config)
+    atomic_write_json(out / "metrics.json", result | {"command": command})
 
 
-def run_lvlm(args: argparse.Namespace, command: str) -> dict:
-    from leverlm.demo_models.data import load_vqa
-    from leverlm.demo_models.lvlm import LVLMTrainConfig, evaluate_lvlm, train_lvlm
-    from leverlm.utils import atomic_write_json
+def run_lvlm(args: argparse.Namespace, command: str) -> None:
+    from tools.demo_models.data import load_vqa
+    from tools.demo_models.lvlm import LVLMTrainConfig, evaluate_lvlm, train_lvlm
 
     config = _with_steps(LVLMTrainConfig(seed=args.seed), args.steps)
     if args.val_episodes is not None:
@@ -113,17 +105,13 @@ def run_lvlm(args: argparse.Namespace, command: str) -> dict:
     result = train_lvlm(train, test, out, args.work, config)
     if args.eval_queries:
         evaluation = evaluate_lvlm(out, train, test, args.eval_queries, seed=args.seed)
-        evaluation["command"] = command
-        atomic_write_json(out / "evaluation.json", evaluation)
-        result["evaluation"] = evaluation
-    result["command"] = command
-    atomic_write_json(out / "training.json", {k: v for k, v in result.items() if k != "evaluation"})
-    return result
+        atomic_write_json(out / "evaluation.json", evaluation | {"command": command})
+    atomic_write_json(out / "training.json", result | {"command": command})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = shlex.join(["python", "-m", "leverlm.demo_models", *(argv or sys.argv[1:])])
+    command = shlex.join(["python", "-m", "tools.demo_models", *(argv or sys.argv[1:])])
     try:
         _check(args)
         import torch

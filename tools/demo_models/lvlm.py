@@ -45,13 +45,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from leverlm.data.prep.easyvqa import SHAPES
-from leverlm.demo_models import LVLM_TYPE, TASK
-from leverlm.demo_models.data import DemoModelsError, VQAData, draw_icds
 from leverlm.lvlm.tiny_interleaved import IDEFICS3_SPECIAL_TOKENS as SPECIAL_TOKENS
 from leverlm.tasks import EASYVQA_ANSWERS, NONCE_WORDS, get_task
-from leverlm.utils import atomic_write_json
+from leverlm.utils import atomic_replace_dir, atomic_write_json
+from tools.demo_models import LVLM_TYPE, TASK
+from tools.demo_models.common import TrainConfig, adamw, optimizer_step, resume, save_state, say
+from tools.demo_models.data import DemoModelsError, VQAData, draw_icds
 
 
 @dataclass(frozen=True)
@@ -78,16 +80,17 @@ class LVLMArch:
 
 
 @dataclass(frozen=True)
-class LVLMTrainConfig:
+class LVLMTrainConfig(TrainConfig):
     """Training settings (the defaults made the committed model)."""
 
     steps: int = 4000
-    #: prompt tokens per step: the batch holds ``tokens_per_step // episode length`` episodes,
-    #: so every step costs about the same whatever its number of demonstrations.
-    tokens_per_step: int = 1500
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup: int = 100
+    checkpoint_every: int = 500
+    #: prompt tokens per step: the batch holds ``tokens_per_step // episode length`` episodes,
+    #: so every step costs about the same whatever its number of demonstrations.
+    tokens_per_step: int = 1500
     max_shots: int = 8
     #: share of the steps over which the largest number of demonstrations drawn grows from
     #: 2 to ``max_shots`` (short episodes first: binding among few candidates is learnt first).
@@ -104,8 +107,6 @@ class LVLMTrainConfig:
     #: words when it has no demonstrations to copy from (zero-shot stays at chance).
     plain_until: float = 0.8
     text_loss_weight: float = 0.1
-    seed: int = 0
-    checkpoint_every: int = 500
     val_every: int = 1000
     val_episodes: int = 256
 
@@ -161,7 +162,6 @@ def build_tokenizer(questions: Sequence[str], vocab_size: int) -> Any:
 
 def build_model(arch: LVLMArch, questions: Sequence[str], seed: int) -> tuple[Any, Any]:
     """An untrained ``Idefics3ForConditionalGeneration`` + its ``Idefics3Processor``."""
-    import torch
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
@@ -262,8 +262,6 @@ class EpisodeBatcher:
         support_pixels: Any = None,
         support_row: dict[int, int] | None = None,
     ) -> None:
-        import torch
-
         self.lvlm = lvlm
         self.data = data
         self.support = support or data
@@ -332,8 +330,6 @@ class EpisodeBatcher:
         self, episodes: Sequence[tuple[list[int], list[tuple[str, int]], int]]
     ) -> dict[str, Any]:
         """Pad a list of episodes; gather each image's pixels once (row order = first use)."""
-        import torch
-
         from leverlm.lvlm.base import pad_right
 
         ids, attn = pad_right([e[0] for e in episodes], self.lvlm.tok.pad_id)
@@ -356,8 +352,6 @@ class EpisodeBatcher:
     def weights(self, targets: Any, attn: Any, text_weight: float) -> Any:
         """Loss weight of each target token: 1 on answers (nonce or, in plain episodes, real),
         ``text_weight`` on other text, 0 on special/image tokens and padding."""
-        import torch
-
         is_nonce = torch.isin(targets, self.answer_ids)
         is_special = torch.isin(targets, self.special_ids)
         w = torch.where(is_nonce, 1.0, torch.where(is_special, 0.0, text_weight))
@@ -376,8 +370,6 @@ def shot_cap(step: int, config: LVLMTrainConfig) -> int:
 def forward_logits(model: Any, batch: dict[str, Any], image_token_id: int) -> Any:
     """Logits ``[B, T, V]`` of a collated batch: each distinct image through the vision tower
     once, its features written at its placeholder tokens (as the adapter's fast path does)."""
-    import torch
-
     model_inner = model.model
     text_model = model_inner.text_model
     ids = batch["input_ids"]
@@ -395,8 +387,6 @@ def forward_logits(model: Any, batch: dict[str, Any], image_token_id: int) -> An
 
 def _pixels_of(processor: Any, data: VQAData, chunk: int = 256) -> tuple[Any, dict[int, int]]:
     """Every image of ``data`` through the processor (exactly what inference feeds the model)."""
-    import torch
-
     image_ids = sorted(data.images)
     parts = []
     for s in range(0, len(image_ids), chunk):
@@ -407,8 +397,6 @@ def _pixels_of(processor: Any, data: VQAData, chunk: int = 256) -> tuple[Any, di
 
 def _query_accuracy(logits: Any, batch: dict[str, Any]) -> Any:
     """Per episode: is the argmax at the query's answer position its (nonce) answer token."""
-    import torch
-
     rows = torch.arange(logits.shape[0])
     start = batch["answer_start"]
     pred = logits[rows, start - 1].argmax(-1)
@@ -425,8 +413,6 @@ def validate(
 ) -> dict[str, float]:
     """Teacher-forced query-answer accuracy on held-out episodes (query key seeds the map):
     ``shots`` random demonstrations, and the same with one demonstration of the query's answer."""
-    import torch
-
     out = {}
     model.eval()
     with torch.inference_mode():
@@ -459,11 +445,7 @@ def train_lvlm(
 
     Resumes from ``work_dir/lvlm.ckpt`` when it holds a checkpoint of the same settings.
     """
-    import torch
-
-    from leverlm.demo_models.common import load_checkpoint, lr_factor, save_checkpoint
     from leverlm.lvlm.hf_interleaved import Idefics3LVLM
-    from leverlm.utils import atomic_replace_dir
 
     if config.steps < 1 or config.tokens_per_step < 1 or not 0 <= config.max_shots <= 16:
         raise DemoModelsError(
@@ -484,28 +466,13 @@ def train_lvlm(
     test_pixels, test_row = _pixels_of(processor, test)
     batcher = EpisodeBatcher(lvlm, train, pixels, pixel_row)
     val_batcher = EpisodeBatcher(lvlm, test, test_pixels, test_row, train, pixels, pixel_row)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": rest, "weight_decay": 0},
-        ],
-        lr=config.lr,
-        betas=(0.9, 0.98),
-    )
+    opt = adamw(model, config, "embed")
     cfg = {"train": asdict(config), "arch": asdict(arch), "num_train_samples": len(train)}
     ckpt_path = work_dir / "lvlm.ckpt"
-    start = 0
-    history: list[dict[str, Any]] = []
-    state = load_checkpoint(ckpt_path, cfg)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, history = int(state["step"]), list(state["history"])
-        print(f"[demo-models:lvlm] resuming at step {start}/{config.steps}")
+    state = resume(ckpt_path, cfg, model, opt, "lvlm")
+    start, history = int(state["step"]), list(state.get("history", []))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"[demo-models:lvlm] Idefics3 with {n_params / 1e6:.2f}M parameters", flush=True)
+    say("lvlm", f"Idefics3 with {n_params / 1e6:.2f}M parameters")
     losses: list[float] = []
     accs: list[float] = []
     for step in range(start, config.steps):
@@ -525,8 +492,6 @@ def train_lvlm(
             episode_id = f"train-{config.seed}-{step}-{b}"
             eps.append(batcher.episode(rng, shots, match, episode_id, None, plain, balanced))
         batch = batcher.collate(eps)
-        for group in opt.param_groups:
-            group["lr"] = config.lr * lr_factor(step, config.steps, config.warmup)
         logits = forward_logits(model, batch, batcher.image_token_id)
         targets = batch["input_ids"][:, 1:]
         w = batcher.weights(targets, batch["attention_mask"][:, 1:], config.text_loss_weight)
@@ -534,35 +499,22 @@ def train_lvlm(
             logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
         )
         loss = (ce * w.flatten()).sum() / w.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, model, loss, step, config)
         losses.append(float(loss.detach()))
         accs.append(float(_query_accuracy(logits.detach(), batch).mean()))
         done = step + 1
         if done % log_every == 0 or done == config.steps:
-            print(
-                f"[demo-models:lvlm] step {done}/{config.steps} loss "
-                f"{np.mean(losses[-log_every:]):.4f} query acc {np.mean(accs[-log_every:]):.3f} "
-                f"({time.perf_counter() - start_time:.0f}s)",
-                flush=True,
+            say(
+                "lvlm",
+                f"step {done}/{config.steps} loss {np.mean(losses[-log_every:]):.4f} query acc "
+                f"{np.mean(accs[-log_every:]):.3f} ({time.perf_counter() - start_time:.0f}s)",
             )
         if config.val_every and (done % config.val_every == 0 or done == config.steps):
             val = validate(model, val_batcher, config.val_episodes, config.seed)
             history.append({"step": done, **val})
-            print(f"[demo-models:lvlm] step {done} held-out (teacher-forced): {val}", flush=True)
+            say("lvlm", f"step {done} held-out (teacher-forced): {val}")
         if done % config.checkpoint_every == 0 and done < config.steps:
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "config": cfg,
-                    "step": done,
-                    "history": history,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                },
-            )
+            save_state(ckpt_path, cfg, done, model, opt, history=history)
     train_seconds = time.perf_counter() - start_time
     model.eval()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -585,7 +537,7 @@ def train_lvlm(
     }
     atomic_write_json(tmp / "training.json", result)
     atomic_replace_dir(tmp, out_dir)
-    print(f"[demo-models:lvlm] saved {out_dir} ({json.dumps(result['validation'][-1:])})")
+    say("lvlm", f"saved {out_dir} ({json.dumps(result['validation'][-1:])})")
     return result
 
 
@@ -623,8 +575,6 @@ def evaluate_lvlm(
     scored by :func:`leverlm.metrics.vqa_accuracy_batch` against the query's references as
     the task shows them (``task.episode``: the nonce words of the query's own map).
     """
-    import torch
-
     from leverlm.lvlm import load_lvlm
     from leverlm.metrics import vqa_accuracy_batch
 
@@ -668,6 +618,6 @@ def evaluate_lvlm(
                 vqa_accuracy_batch([predictions[i] for i in rows], [references[i] for i in rows]),
                 2,
             )
-        print(f"[demo-models:eval] {name}: {results['accuracy'][name]:.2f}%", flush=True)
+        say("eval", f"{name}: {results['accuracy'][name]:.2f}%")
     results["seconds"] = round(time.perf_counter() - start, 1)
     return results

@@ -31,32 +31,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from leverlm.data.prep.easyvqa import COLORS, SHAPES
-from leverlm.demo_models import CLIP_FILE, CLIP_MODEL
-from leverlm.demo_models.data import DemoModelsError, load_captions
-from leverlm.utils import atomic_write_json
+from leverlm.demo import CLIP_FILE
+from leverlm.encoders.clip import TINY_CLIP, load_clip
+from leverlm.utils import atomic_open
+from tools.demo_models.common import TrainConfig, adamw, optimizer_step, resume, save_state, say
+from tools.demo_models.data import DemoModelsError, load_captions
 
 #: the 24 complete easy-vqa captions, the retrieval candidates.
 FULL_CAPTIONS: tuple[str, ...] = tuple(f"a {c} {s}" for c in COLORS for s in SHAPES)
 
 
 @dataclass(frozen=True)
-class ClipTrainConfig:
+class ClipTrainConfig(TrainConfig):
     """CLIP training settings (the defaults made the committed model)."""
 
     steps: int = 400
-    batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: int = 40
-    seed: int = 0
     checkpoint_every: int = 100
+    batch_size: int = 64
 
 
 def _pixels(encoder: Any, images: list[Any], chunk: int = 512) -> Any:
-    import torch
-
     parts = [encoder.preprocess_images(images[i : i + chunk]) for i in range(0, len(images), chunk)]
     return torch.cat(parts) if parts else torch.zeros(0)
 
@@ -76,11 +76,8 @@ def caption_aware_loss(image_feats: Any, text_feats: Any, labels: Any, scale: An
             row per distinct caption); ``labels``: ``[B]`` caption index of each image;
             ``scale``: the (exponentiated) logit scale.
     """
-    import torch
-    import torch.nn.functional as F
-
     logits = scale * image_feats @ text_feats.T  # [B, C]
-    loss_i2t = F.cross_entropy(logits, labels)
+    loss_i2t = torch.nn.functional.cross_entropy(logits, labels)
     present = torch.unique(labels)
     # [P, B]: each present caption's log-softmax over the batch's images
     logp = torch.log_softmax(logits.T[present], dim=-1)
@@ -118,11 +115,7 @@ def retrieval_metrics(image_feats: Any, labels: np.ndarray, text_feats: Any) -> 
 
 def evaluate_clip(checkpoint: str | Path, test_collection: str | Path) -> dict[str, float]:
     """Retrieval metrics of a saved CLIP checkpoint on a caption collection (complete captions)."""
-    import torch
-
-    from leverlm.encoders.clip import load_clip
-
-    encoder = load_clip(CLIP_MODEL, str(checkpoint), normalize=True)
+    encoder = load_clip(TINY_CLIP, str(checkpoint), normalize=True)
     images, captions, _ = load_captions(test_collection)
     rows, labels = complete_caption_rows(captions)
     if len(rows) == 0:
@@ -146,20 +139,11 @@ def train_clip(
     config: ClipTrainConfig = ClipTrainConfig(),
     log_every: int = 50,
 ) -> dict[str, Any]:
-    """Train, save ``out_dir/<CLIP_FILE>`` (fp16) + ``metrics.json``; returns the metrics.
+    """Train, save ``out_dir/<CLIP_FILE>`` (fp16); return the settings and test metrics.
 
     Resumes from ``work_dir/clip.ckpt`` when it holds a checkpoint of the same config.
     """
-    import torch
-
-    from leverlm.demo_models.common import (
-        file_size_mb,
-        load_checkpoint,
-        lr_factor,
-        save_checkpoint,
-        save_safetensors,
-    )
-    from leverlm.encoders.clip import load_clip
+    from safetensors.torch import save
 
     if config.steps < 1 or config.batch_size < 2:
         raise DemoModelsError(
@@ -173,31 +157,15 @@ def train_clip(
     if len(rows) < 2:
         raise DemoModelsError(f"{train_collection}: fewer than 2 images with a complete caption")
     torch.manual_seed(config.seed)
-    encoder = load_clip(CLIP_MODEL, None, seed=config.seed)
+    encoder = load_clip(TINY_CLIP, None, seed=config.seed)
     model = encoder.model
     pixels = _pixels(encoder, [images[i] for i in rows])
     labels = torch.as_tensor(labels_np)
     tokens = encoder.tokenize(list(FULL_CAPTIONS))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": rest, "weight_decay": 0},
-        ],
-        lr=config.lr,
-        betas=(0.9, 0.98),
-        eps=1e-6,
-    )
+    opt = adamw(model, config, "embedding", eps=1e-6)
     ckpt_path = work_dir / "clip.ckpt"
     cfg = asdict(config) | {"num_train_images": int(len(rows))}
-    start = 0
-    state = load_checkpoint(ckpt_path, cfg)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["step"])
-        print(f"[demo-models:clip] resuming at step {start}/{config.steps}")
+    start = int(resume(ckpt_path, cfg, model, opt, "clip")["step"])
     model.train()
     batch = min(config.batch_size, len(rows))
     losses: list[float] = []
@@ -206,46 +174,32 @@ def train_clip(
         idx = torch.as_tensor(
             np.random.default_rng([config.seed, step]).choice(len(rows), batch, replace=False)
         )
-        for group in opt.param_groups:
-            group["lr"] = config.lr * lr_factor(step, config.steps, config.warmup)
         img = torch.nn.functional.normalize(model.encode_image(pixels[idx]), dim=-1)
         txt = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)
         loss = caption_aware_loss(img, txt, labels[idx], model.logit_scale.exp())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, model, loss, step, config)
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6052)  # scale <= 100, as open_clip's training does
         losses.append(float(loss.detach()))
         done = step + 1
         if done % log_every == 0 or done == config.steps:
             recent = float(np.mean(losses[-log_every:]))
-            print(
-                f"[demo-models:clip] step {done}/{config.steps} loss {recent:.4f} "
-                f"({time.perf_counter() - start_time:.0f}s)",
-                flush=True,
-            )
+            elapsed = time.perf_counter() - start_time
+            say("clip", f"step {done}/{config.steps} loss {recent:.4f} ({elapsed:.0f}s)")
         if done % config.checkpoint_every == 0 and done < config.steps:
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "config": cfg,
-                    "step": done,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                },
-            )
+            save_state(ckpt_path, cfg, done, model, opt)
     train_seconds = time.perf_counter() - start_time
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / CLIP_FILE
-    fp16 = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    save_safetensors(path, fp16, {"model": CLIP_MODEL, "seed": str(config.seed)})
+    state = model.state_dict()
+    fp16 = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    with atomic_open(path, "wb") as fh:
+        fh.write(save(fp16, metadata={"model": TINY_CLIP, "seed": str(config.seed)}))
     metrics = evaluate_clip(path, test_collection)
     result = {
-        "model": CLIP_MODEL,
+        "model": TINY_CLIP,
         "file": CLIP_FILE,
-        "size_mb": round(file_size_mb(path), 2),
+        "size_mb": round(path.stat().st_size / 2**20, 2),
         "config": cfg,
         "final_train_loss": float(np.mean(losses[-log_every:])) if losses else None,
         "train_seconds": round(train_seconds, 1),
@@ -255,6 +209,5 @@ def train_clip(
             "'a {color} {shape}' captions must equal the image's caption"
         ),
     }
-    atomic_write_json(out_dir / "metrics.json", result)
-    print(f"[demo-models:clip] {path} ({result['size_mb']} MB): {json.dumps(metrics)}", flush=True)
+    say("clip", f"{path} ({result['size_mb']} MB): {json.dumps(metrics)}")
     return result
