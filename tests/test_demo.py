@@ -31,7 +31,8 @@ def test_demo_commands_use_the_trained_clip_lvlm_and_feature_stores(tmp_path, mo
     feats = [c for s, c in ran if s == "features"]
     assert len(feats) == 2
     for cmd in feats:
-        assert cmd[cmd.index("--pretrained") + 1] == str(clip_checkpoint())
+        assert cmd[cmd.index("features") + 1] == "predict"
+        assert cmd[cmd.index("--model.pretrained") + 1] == str(clip_checkpoint())
     (gt,) = [c for s, c in ran if s == "gt"]
     (ev,) = [c for s, c in ran if s == "eval"]
     for cmd in (gt, ev):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from leverlm.cli import main as cli_main
 from leverlm.metrics import cider, vqa_accuracy_batch
 from leverlm.report import (
     ReportError,
@@ -226,7 +227,7 @@ def test_bad_inputs_fail_early_and_keep_old_reports(tmp_path, capsys) -> None:
     with pytest.raises(ReportError, match="neither 'metric' nor 'task'"):
         load_results(root)
     (root / "manifest.json").unlink()
-    assert main([str(root)]) == 2
+    assert cli_main(["report", str(root)]) == 2
     assert "manifest.json: missing" in capsys.readouterr().err
     with pytest.raises(ReportError, match="does not exist"):
         load_results(tmp_path / "nowhere")

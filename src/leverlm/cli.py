@@ -13,7 +13,7 @@ import sys
 # subcommand -> (module, function taking argv, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "prep": ("leverlm.data.prep.cli", "main", "write a collection (coco, vqav2, easyvqa)"),
-    "features": ("leverlm.encoders", "main", "CLIP features of a collection: predict | merge"),
+    "features": ("leverlm.encoders.job", "main", "CLIP features of a collection: predict | merge"),
     "gt": ("leverlm.gt.job", "main", "ground-truth ICD sequences: predict | merge"),
     "train": ("leverlm.lever.module", "main", "train Lever-LM: fit | validate"),
     "select": ("leverlm.lever.select", "main", "configure ICDs for queries with Lever-LM"),
@@ -55,8 +55,19 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(module_name)
         return int(getattr(module, func_name)(rest) or 0)
     except LeverError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {message(err)}", file=sys.stderr)
         return err.exit_code
+
+
+def message(err: Exception) -> str:
+    """The error's own message; for one re-raised from a DataLoader worker (torch wraps the
+    worker's traceback into the message), its last line."""
+    text = str(err)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        head, sep, tail = last.partition(": ")
+        return tail if sep and head.endswith(type(err).__name__) else last
+    return text
 
 
 if __name__ == "__main__":

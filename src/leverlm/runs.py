@@ -245,9 +245,11 @@ class RunDir:
             return "overwrite" if overwrite else "resume"
         if overwrite:
             return "overwrite"
+        if not self.part_files() and not any((self.path / n).exists() for n in self.results):
+            return "new"  # it wrote nothing (e.g. died loading its model): nothing to mix with
         raise RunError(
             f"output folder {str(self.path)!r} holds a `leverlm {old.job}` run with other inputs "
-            f"or settings ({describe_change(old, header)} changed); choose another --out, or pass "
+            f"or settings (changed: {describe_change(old, header)}); choose another --out, or pass "
             "--overwrite to delete its results and start over"
         )
 
@@ -363,7 +365,7 @@ class Job:
     :meth:`plan`, :meth:`done`, :meth:`encode_part` and :meth:`merge`."""
 
     name = ""  # the command: leverlm <name>
-    unit = "item"  # what the progress bar counts
+    unit, units = "item", "items"  # what the progress bar counts
     part_ext = "jsonl"
     results: tuple[str, ...] = ()  # merged files / folders, deleted by --overwrite
     part_size = 1  # work items per part file
@@ -434,8 +436,8 @@ def make_part_writer(job: Job, run: RunDir, header: RunHeader, overwrite: bool) 
             dm = trainer.datamodule
             dm.skip(done)
             job.log.info(
-                "rank %d: skipped %d %ss already done, %d to do on this rank",
-                self.rank, len(done), job.unit, dm.rank_count,
+                "rank %d: skipped %d %s already done, %d to do on this rank",
+                self.rank, len(done), job.units, dm.rank_count,
             )  # fmt: skip
             self.seq = run.next_seq(self.rank)
 
@@ -477,7 +479,7 @@ def make_progress(job: Job, enable_bar: bool) -> Any:
             if trainer.is_global_zero and enable_bar:
                 from tqdm.auto import tqdm
 
-                desc = f"{job.name} {job.unit}s" + (" (rank 0)" if trainer.world_size > 1 else "")
+                desc = f"{job.name} {job.units}" + (" (rank 0)" if trainer.world_size > 1 else "")
                 total = trainer.datamodule.rank_count
                 self.bar = tqdm(total=total, desc=desc, unit=job.unit, dynamic_ncols=True)
 
@@ -492,8 +494,8 @@ def make_progress(job: Job, enable_bar: bool) -> Any:
             if self.bar is not None:
                 self.bar.update(n)
             if trainer.is_global_zero and trainer.loggers and n:
-                metrics = {f"{job.name}/{job.unit}s_per_s": self.rate,
-                           f"{job.name}/{job.unit}s_done": float(self.done)}  # fmt: skip
+                metrics = {f"{job.name}/{job.units}_per_s": self.rate,
+                           f"{job.name}/{job.units}_done": float(self.done)}  # fmt: skip
                 metrics |= job.progress_metrics(outputs)
                 for logger in trainer.loggers:
                     logger.log_metrics(metrics, step=self.done)
@@ -503,8 +505,8 @@ def make_progress(job: Job, enable_bar: bool) -> Any:
                 self.bar.close()
                 self.bar = None
             job.log.info(
-                "rank %d: %d %ss in %.1fs (%.3f/s)",
-                trainer.global_rank, self.done, job.unit,
+                "rank %d: %d %s in %.1fs (%.3f/s)",
+                trainer.global_rank, self.done, job.units,
                 time.perf_counter() - self.start, self.rate,
             )  # fmt: skip
 
@@ -536,6 +538,16 @@ def set_threads(cpu_threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def device_kind(accelerator: Any) -> str:
+    """``cpu`` or ``cuda`` (or another torch device type) as Lightning resolves ``accelerator``."""
+    name = str(accelerator or "auto").lower()
+    if name in ("auto", "gpu", "cuda"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def is_launcher_rank() -> bool:
     """True in the process that owns the run (global rank 0 as set by DDP launchers)."""
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
@@ -561,18 +573,23 @@ def run_job(job: Job, module_cls: type, datamodule_cls: type, argv: list[str]) -
     # Batches carry their own keys; Lightning's batch-index tracking is not needed.
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__`")
-    cli = _job_cli_class(job)(
-        module_cls,
-        datamodule_cls,
-        args=argv[1:],
-        parser_kwargs={"parser_mode": "omegaconf", "prog": f"leverlm {job.name} predict"},
-        save_config_callback=None,
-        seed_everything_default=0,
-        auto_configure_optimizers=False,
-        run=False,
-        subclass_mode_model=False,
-    )
-    return cli.run_predict()
+    job.locked = None
+    try:
+        cli = _job_cli_class(job)(
+            module_cls,
+            datamodule_cls,
+            args=argv[1:],
+            parser_kwargs={"parser_mode": "omegaconf", "prog": f"leverlm {job.name} predict"},
+            save_config_callback=None,
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            run=False,
+            subclass_mode_model=False,
+        )
+        return cli.run_predict()
+    finally:  # also when building the model or data failed: the folder is free again
+        if job.locked is not None:
+            job.locked.unlock()
 
 
 def job_usage(job: Job) -> str:
@@ -631,12 +648,15 @@ def _job_cli_class(job: Job) -> type:
             self.run_dir = RunDir(cfg["out"], job.results)
             self.run_dir.check_writable()
             self.header = job.plan(_plain(cfg))
+            # CPU and GPU kernels round differently: a run resumes on the same kind of device.
+            self.header.config["device"] = device_kind(cfg["trainer"]["accelerator"])
             status = self.run_dir.status(self.header, cfg["overwrite"])
             if is_launcher_rank():
                 self.run_dir.lock()
+                job.locked = self.run_dir
                 job.log.info(
-                    "%d %ss, run %s..., output %s (%s)",
-                    len(self.header.items), job.unit, self.header.sha256[:12],
+                    "%d %s, run %s..., output %s (%s)",
+                    len(self.header.items), job.units, self.header.sha256[:12],
                     self.run_dir.path, status,
                 )  # fmt: skip
 
@@ -664,7 +684,7 @@ def _job_cli_class(job: Job) -> type:
                 missing = job.remaining(self.run_dir, self.header)
                 if missing:
                     raise Unfinished(
-                        f"{missing} {job.unit}s of "
+                        f"{missing} {job.units} of "
                         f"{self.run_dir.path} are not done yet (stopped early); rerun the same "
                         "command to finish them"
                     )

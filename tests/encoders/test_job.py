@@ -1,44 +1,38 @@
-"""The feature job and store: parity with direct encoding, deduplication, resume, DDP, manifest
-checks, CLI."""
+"""`leverlm features`: parity with direct encoding, deduplication, resume after a crash or a
+kill -9, 2-process DDP, refusals, the store's manifest checks, the shipped configs."""
 
 from __future__ import annotations
 
 import io
 import json
 import multiprocessing
-import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from helpers import ROOT
 from PIL import Image
 
+from leverlm.cli import main as cli_main
 from leverlm.data.collection import Collection, SampleRecord, write_collection
-from leverlm.encoders import FeatureStore, FeatureStoreError, compute_features, default_feature_dir
-from leverlm.encoders.clip import TINY_CLIP, ClipEncoder, EncoderError, load_clip
-from leverlm.encoders.job import (
-    UnitProgressBar,
-    build_parser,
-    copy_from_representatives,
-    partial_dir,
-    plan_batches,
-    plan_work,
-)
-from leverlm.encoders.job import main as features_main
-from leverlm.encoders.store import DONE, MANIFEST, UNITS
+from leverlm.encoders import FeatureStore, FeatureStoreError
+from leverlm.encoders.clip import TINY_CLIP, ClipEncoder, load_clip
+from leverlm.encoders.job import FeatureDataModule, WorkPlan, read_units
+from leverlm.encoders.store import MANIFEST
+from leverlm.utils import sha256_file
 
-REPO = ROOT
-N = 13  # rows, all distinct; 26 work units; with batch size 4: image batches of 4, 4, 4, 1 then
-# text batches of 4, 4, 4, 1
-U = 2 * N
+TINY = ROOT / "conf" / "encoder" / "tiny-clip.yaml"
+N = 13  # rows, all distinct; with batch size 4: image batches 0-3 of 4, 4, 4, 1 units, then
+# text batches 4-7 likewise
 # The collection with duplicates: position i shows image DUP_IMAGES[i] of a pool and asks
-# question DUP_TEXTS[i] of a pool (5 distinct images, 3 distinct questions in 16 rows).
+# question DUP_TEXTS[i] of a pool (5 distinct images, 3 distinct questions in 16 rows; with
+# batch size 2: image batches 0-2, text batches 3-4).
 DUP_IMAGES = [0, 1, 0, 2, 1, 3, 0, 4, 4, 2, 1, 0, 3, 3, 0, 1]
 DUP_TEXTS = [0, 0, 1, 2, 1, 0, 2, 2, 1, 0, 0, 1, 2, 0, 1, 2]
 
@@ -107,32 +101,36 @@ def colls(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+def _run(collection: Path, out: Path, *extra: str, config: Path = TINY) -> int:
+    """``leverlm features predict`` in this process (batch size 4, CPU, quiet)."""
+    args = ["features", "predict", "--config", str(config), "--data.collection", str(collection)]
+    args += ["--out", str(out), "--data.batch_size", "4", "--trainer.accelerator", "cpu"]
+    args += ["--trainer.logger", "false", "--progress_bar", "false", *extra]
+    return cli_main(args)
+
+
+def _callback(name: str, **init_args) -> list[str]:
+    spec = [{"class_path": f"helpers.callbacks.{name}", "init_args": init_args}]
+    return ["--trainer.callbacks", json.dumps(spec)]
+
+
+DDP = ("--trainer.devices", "2", "--trainer.strategy", "ddp_fork")
+
+
 @pytest.fixture(scope="module")
 def reference(colls, tmp_path_factory) -> Path:
-    """One uninterrupted 1-process build of the vqa collection (batch size 4)."""
+    """One uninterrupted 1-process run on the vqa collection (batch size 4)."""
     out = tmp_path_factory.mktemp("ref") / "store"
-    return compute_features(colls["vqa"], out, TINY_CLIP, batch_size=4)
+    assert _run(colls["vqa"], out) == 0
+    return out
 
 
 @pytest.fixture(scope="module")
 def dup_reference(colls, tmp_path_factory) -> Path:
-    """One uninterrupted 1-process build of the collection with duplicates (batch size 2)."""
+    """One uninterrupted 1-process run on the collection with duplicates (batch size 2)."""
     out = tmp_path_factory.mktemp("dupref") / "store"
-    return compute_features(colls["dups"], out, TINY_CLIP, batch_size=2)
-
-
-class _Count(L.Callback):
-    """Counts the work units each predict step encoded (in this process)."""
-
-    def __init__(self) -> None:
-        self.units = 0
-        self.batches = 0
-        self.kinds: list[str] = []
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *_):
-        self.units += int(outputs["units"].numel())
-        self.batches += 1
-        self.kinds.append(outputs["kind"])
+    assert _run(colls["dups"], out, "--data.batch_size", "2") == 0
+    return out
 
 
 @pytest.fixture
@@ -154,77 +152,78 @@ def encoder_calls(monkeypatch) -> dict[str, int]:
     return calls
 
 
-class _CrashAt(L.Callback):
-    """Raises before predict batch ``k`` (k batches are written by then)."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-
-    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, *_):
-        if batch_idx == self.k:
-            raise RuntimeError("simulated crash")
-
-
 def _arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
     store = FeatureStore(path)
     return np.array(store.image), np.array(store.text)
 
 
-# -- plan -------------------------------------------------------------------------------------
+def _same_arrays(a: Path, b: Path) -> bool:
+    (ia, ta), (ib, tb) = _arrays(a), _arrays(b)
+    return np.array_equal(ia, ib) and np.array_equal(ta, tb)
 
 
-def test_plan_batches_is_a_fixed_homogeneous_grid_dealt_to_ranks() -> None:
-    # 7 image units (0..6) then 5 text units (7..11), batch size 3.
-    done = np.zeros(12, np.uint8)
-    done[0:3] = 1  # image batch 0 finished
-    done[4] = 1  # image batch 1 only partly: still pending
-    done[7:10] = 1  # text batch 0 finished
+def _part_batches(out: Path) -> list[int]:
+    return sorted(int(np.load(p)["batch"]) for p in (out / "parts").glob("rank*.npz"))
+
+
+# -- the plan ----------------------------------------------------------------------------------
+
+
+def test_the_grid_is_fixed_homogeneous_and_dealt_in_contiguous_blocks(colls) -> None:
+    dm = FeatureDataModule(str(colls["vqa"]), batch_size=4)
+    plan = dm.plan
+    assert [(kind, start, stop) for kind, start, stop in plan.grid] == [
+        *(("image", s, min(s + 4, N)) for s in range(0, N, 4)),
+        *(("text", s, min(s + 4, N)) for s in range(0, N, 4)),
+    ]
+    for b in range(len(plan)):  # no batch mixes images and texts; each fills its positions
+        batch = plan.batch(b)
+        assert batch.kind == plan.grid[b][0] and batch.positions.tolist() == batch.units.tolist()
+    dm.skip({0, 5})  # image batch 0 and text batch 1 finished
+    todo = [1, 2, 3, 4, 6, 7]
     for world in (1, 2, 3, 6):
-        plans = [plan_batches(7, 5, 3, done, r, world) for r in range(world)]
-        batches = [b for plan in plans for b in plan if b]
-        # The same grid whatever the number of ranks; finished batches skipped; no overlap;
-        # the text grid starts afresh after the last (short) image batch.
-        assert sorted(batches) == [[3, 4, 5], [6], [10, 11]]
-    assert plan_batches(7, 5, 3, done, 5, 6) == [[]]  # a rank without work gets an empty batch
-    assert plan_batches(3, 2, 2, None, 0, 1) == [[0, 1], [2], [3, 4]]
-    assert plan_batches(0, 3, 2, None, 0, 1) == [[0, 1], [2]]
+        shares = []
+        for rank in range(world):
+            dm.rank, dm.world_size = rank, world
+            shares.append(dm.rank_batches)
+        # The same batches whatever the number of ranks; finished ones skipped; no overlap;
+        # each rank a contiguous block of the image batches and one of the text batches.
+        assert sorted(b for share in shares for b in share) == todo
+        for kind in ("image", "text"):
+            todo_kind = [b for b in todo if plan.grid[b][0] == kind]
+            blocks = [[b for b in share if plan.grid[b][0] == kind] for share in shares]
+            assert [b for block in blocks for b in block] == todo_kind  # in order: contiguous
+    dm.rank, dm.world_size = 5, 6
+    assert dm.rank_batches == [3, 7]
+    dm.rank = 0
+    assert dm.rank_count == 0  # a rank without work runs an empty loop
 
 
-def test_plan_work_finds_first_occurrences(colls) -> None:
+def test_read_units_finds_first_occurrences_and_the_plan_fills_every_position(colls) -> None:
     coll = Collection(colls["dups"])
-    plan = plan_work(coll, "question")
-    assert (plan.num_images, plan.num_texts) == (len(set(DUP_IMAGES)), len(set(DUP_TEXTS)))
-    texts = [coll.fields(p)["question"] for p in range(len(coll))]
-    for p in range(len(coll)):
-        i, t = int(plan.image_rep[p]), int(plan.text_rep[p])
+    n = len(coll)
+    reps, texts = read_units(coll, "question", dedup=True)
+    assert texts == [coll.fields(p)["question"] for p in range(n)]
+    for p in range(n):
+        i, t = int(reps["image"][p]), int(reps["text"][p])
         # Same content, and the earliest position holding it.
         assert coll.image_bytes(i) == coll.image_bytes(p)
-        assert i == min(q for q in range(len(coll)) if DUP_IMAGES[q] == DUP_IMAGES[p])
-        assert texts[t] == texts[p]
-        assert t == texts.index(texts[p])
-    assert plan.texts == [texts[p] for p in plan.text_positions]
-    # Images first, then texts; each unit names its kind and representative position.
-    assert plan.units[:, 0].tolist() == [0] * plan.num_images + [1] * plan.num_texts
-    assert plan.units[: plan.num_images, 1].tolist() == sorted(set(plan.image_rep.tolist()))
-    ref = plan_work(coll, "question", dedup=False)
-    assert ref.num_units == 2 * len(coll) and not ref.dedup
-    assert ref.texts == texts
-
-
-def test_copy_from_representatives_matches_a_row_loop() -> None:
-    rng = np.random.default_rng(3)
-    n = 50
-    rep = np.arange(n)
-    for p in range(1, n):
-        if rng.random() < 0.6:
-            rep[p] = rep[rng.integers(0, p)]  # a representative: earlier and its own rep
-    arr = rng.standard_normal((n, 6)).astype(np.float16)
-    expected = arr.copy()
-    for p in range(n):  # straightforward reference: one row at a time
-        expected[p] = arr[rep[p]]
-    copied = copy_from_representatives(arr, rep, chunk=7)  # several chunks
-    assert copied == int(np.count_nonzero(rep != np.arange(n))) > 0
-    assert np.array_equal(arr, expected)
+        assert i == min(q for q in range(n) if DUP_IMAGES[q] == DUP_IMAGES[p])
+        assert texts[t] == texts[p] and t == texts.index(texts[p])
+    plan = WorkPlan(reps, texts, batch_size=2)
+    assert plan.units["image"].size == len(set(DUP_IMAGES)) == 5
+    assert plan.units["text"].size == len(set(DUP_TEXTS)) == 3
+    assert [kind for kind, _, _ in plan.grid] == ["image"] * 3 + ["text"] * 2
+    for kind in ("image", "text"):
+        filled = np.full(n, -1)
+        for b in range(len(plan)):
+            batch = plan.batch(b)
+            if batch.kind == kind:
+                assert np.all(filled[batch.positions] == -1)  # each position once
+                filled[batch.positions] = batch.units[batch.row]
+        assert filled.tolist() == reps[kind].tolist()  # every position gets its unit's row
+    every, _ = read_units(coll, "question", dedup=False)
+    assert every["image"].tolist() == every["text"].tolist() == list(range(n))
 
 
 # -- parity with direct encoding ---------------------------------------------------------------
@@ -245,43 +244,36 @@ def test_store_rows_equal_direct_encoding(colls, reference) -> None:
     m = store.manifest
     assert m["complete"] is True and m["num_rows"] == N and m["text_field"] == "question"
     assert m["model_name"] == TINY_CLIP and m["normalize"] is False and m["seed"] == 0
-    assert m["collection_name"] == "toy-vqa"
-    from leverlm.utils import sha256_file
-
+    assert m["collection_name"] == "toy-vqa" and m["version"] == 2
     assert m["collection_manifest_sha256"] == sha256_file(colls["vqa"] / "manifest.json")
-    # No scratch left behind.
-    assert not partial_dir(reference).exists()
-    assert not (reference / DONE).exists()
+    # The run's header stays; its part files and no temp file are left behind.
+    assert sorted(p.name for p in reference.iterdir()) == [
+        "image.npy",
+        "manifest.json",
+        "run.json",
+        "text.npy",
+    ]
+    header = json.loads((reference / "run.json").read_text())
+    assert header["items"] == list(range(8)) and set(header["inputs"]) == {"collection"}
 
 
 def test_caption_task_uses_the_caption_field_and_text_field_overrides(colls, tmp_path) -> None:
     coll = Collection(colls["caption"])
     enc = load_clip(TINY_CLIP)
-    out = compute_features(colls["caption"], tmp_path / "cap", TINY_CLIP, batch_size=2)
-    by_name = compute_features(
-        colls["caption"], tmp_path / "name", TINY_CLIP, batch_size=2, text_field="file_name"
-    )
+    assert _run(colls["caption"], tmp_path / "cap", "--data.batch_size", "2") == 0
+    by_name = tmp_path / "name"
+    assert _run(colls["caption"], by_name, "--data.text_field", "file_name") == 0
     with torch.no_grad():
         caps = enc.encode_texts([coll.fields(p)["caption"] for p in range(len(coll))]).numpy()
         names = enc.encode_texts([coll.fields(p)["file_name"] for p in range(len(coll))]).numpy()
-    np.testing.assert_allclose(FeatureStore(out).text, caps, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(FeatureStore(tmp_path / "cap").text, caps, rtol=2e-3, atol=2e-3)
     np.testing.assert_allclose(FeatureStore(by_name).text, names, rtol=2e-3, atol=2e-3)
     assert FeatureStore(by_name).manifest["text_field"] == "file_name"
 
 
-def test_default_location(colls) -> None:
-    want = colls["vqa"].parent / "features" / "toy-vqa" / TINY_CLIP
-    assert default_feature_dir(colls["vqa"], TINY_CLIP) == want
-    # Model names with schemas or slashes stay one folder.
-    odd = default_feature_dir(colls["vqa"], "hf-hub:org/model")
-    assert odd.parent == want.parent and "/" not in odd.name and ":" not in odd.name
-    out = compute_features(colls["vqa"], None, TINY_CLIP, batch_size=8)
-    assert out == want and FeatureStore(out).complete
-
-
-def test_normalize_flag_gives_unit_rows(colls, reference, tmp_path) -> None:
-    out = compute_features(colls["vqa"], tmp_path / "unit", TINY_CLIP, batch_size=4, normalize=True)
-    store = FeatureStore(out)
+def test_normalize_gives_unit_rows(colls, reference, tmp_path) -> None:
+    assert _run(colls["vqa"], tmp_path / "unit", "--model.normalize", "true") == 0
+    store = FeatureStore(tmp_path / "unit")
     assert store.normalized
     for arr in (store.image, store.text):
         norms = np.linalg.norm(arr.astype(np.float32), axis=1)
@@ -292,6 +284,20 @@ def test_normalize_flag_gives_unit_rows(colls, reference, tmp_path) -> None:
     np.testing.assert_allclose(store.image.astype(np.float32), unit, atol=2e-3)
 
 
+def test_a_pretrained_checkpoint_is_fingerprinted_by_content(colls, tmp_path) -> None:
+    from leverlm.demo_models import clip_checkpoint
+
+    ckpt = tmp_path / "clip.safetensors"
+    shutil.copy(clip_checkpoint(), ckpt)
+    out = tmp_path / "store"
+    assert _run(colls["vqa"], out, "--model.pretrained", str(ckpt)) == 0
+    m = FeatureStore(out).manifest
+    assert m["checkpoint"] == str(ckpt) and m["checkpoint_sha256"] == sha256_file(ckpt)
+    assert m["seed"] is None  # only a random init needs it
+    inputs = json.loads((out / "run.json").read_text())["inputs"]
+    assert set(inputs) == {"collection", "clip"}
+
+
 # -- deduplication -------------------------------------------------------------------------------
 
 
@@ -300,7 +306,8 @@ def test_duplicates_are_encoded_once_and_copied_to_every_position(
 ) -> None:
     coll = Collection(colls["dups"])
     n = len(coll)
-    out = compute_features(colls["dups"], tmp_path / "store", TINY_CLIP, batch_size=2)
+    out = tmp_path / "store"
+    assert _run(colls["dups"], out, "--data.batch_size", "2") == 0
     # Each distinct image / text went through its tower once.
     assert encoder_calls == {"images": len(set(DUP_IMAGES)), "texts": len(set(DUP_TEXTS))}
     store = FeatureStore(out)
@@ -308,7 +315,7 @@ def test_duplicates_are_encoded_once_and_copied_to_every_position(
     assert m["dedup"] is True and m["num_rows"] == n
     assert m["num_distinct_images"] == len({coll.image_bytes(p) for p in range(n)}) == 5
     assert m["num_distinct_texts"] == len({coll.fields(p)["question"] for p in range(n)}) == 3
-    assert not (out / UNITS).exists() and not (out / DONE).exists()
+    assert not (out / "parts").exists()
     # Every position holds its own row, equal to encoding that position directly.
     enc = load_clip(TINY_CLIP)
     with torch.no_grad():
@@ -323,14 +330,14 @@ def test_duplicates_are_encoded_once_and_copied_to_every_position(
             same_txt = np.array_equal(store.text[a], store.text[b])
             assert same_img == (DUP_IMAGES[a] == DUP_IMAGES[b]), (a, b)
             assert same_txt == (DUP_TEXTS[a] == DUP_TEXTS[b]), (a, b)
-    ref_img, ref_txt = _arrays(dup_reference)
-    assert np.array_equal(store.image, ref_img) and np.array_equal(store.text, ref_txt)
+    assert _same_arrays(out, dup_reference)
 
 
 def test_dedup_matches_the_every_row_reference_path(
     colls, dup_reference, encoder_calls, tmp_path
 ) -> None:
-    out = compute_features(colls["dups"], tmp_path / "all", TINY_CLIP, batch_size=2, dedup=False)
+    out = tmp_path / "all"
+    assert _run(colls["dups"], out, "--data.batch_size", "2", "--data.dedup", "false") == 0
     n = len(DUP_IMAGES)
     assert encoder_calls == {"images": n, "texts": n}
     store = FeatureStore(out)
@@ -343,180 +350,118 @@ def test_dedup_matches_the_every_row_reference_path(
     np.testing.assert_allclose(
         store.text.astype(np.float32), ref.text.astype(np.float32), rtol=2e-3, atol=2e-3
     )
-    # Both hold the same features, so either satisfies the other's request.
-    encoder_calls.update(images=0, texts=0)
-    assert compute_features(colls["dups"], out, TINY_CLIP, batch_size=2) == out
-    assert encoder_calls == {"images": 0, "texts": 0}
-
-
-def test_dedup_resume_encodes_only_the_missing_units(
-    colls, dup_reference, encoder_calls, tmp_path
-) -> None:
-    # bs 2: image units [0, 1], [2, 3], [4]; text units [5, 6], [7].
-    out = tmp_path / "store"
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        compute_features(colls["dups"], out, TINY_CLIP, batch_size=2, callbacks=[_CrashAt(2)])
-    scratch = partial_dir(out)
-    assert np.load(scratch / DONE).tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
-    assert np.load(scratch / UNITS).shape == (8, 2)
-    encoder_calls.update(images=0, texts=0)
-    compute_features(colls["dups"], out, TINY_CLIP, batch_size=2)
-    assert encoder_calls == {"images": 1, "texts": 3}
-    ref_img, ref_txt = _arrays(dup_reference)
-    img, txt = _arrays(out)
-    assert np.array_equal(img, ref_img) and np.array_equal(txt, ref_txt)  # byte-identical
 
 
 def test_dedup_two_process_ddp_equals_one_process(colls, dup_reference, tmp_path) -> None:
-    out = compute_features(
-        colls["dups"],
-        tmp_path / "ddp",
-        TINY_CLIP,
-        batch_size=2,
-        devices=2,
-        accelerator="cpu",
-        strategy="ddp_fork",
-    )
-    ref_img, ref_txt = _arrays(dup_reference)
-    img, txt = _arrays(out)
-    assert np.array_equal(img, ref_img) and np.array_equal(txt, ref_txt)
+    # 2 ranks x 2 DataLoader workers, each streaming its own block of image batches.
+    out = tmp_path / "ddp"
+    assert _run(colls["dups"], out, "--data.batch_size", "2", "--data.num_workers", "2", *DDP) == 0
+    assert _same_arrays(out, dup_reference)
 
 
-def test_progress_bar_counts_work_units(colls, tmp_path, capsys) -> None:
-    compute_features(colls["dups"], tmp_path / "bar", TINY_CLIP, batch_size=2, progress=True)
+def test_progress_bar_counts_batches(colls, tmp_path, capsys) -> None:
+    out = tmp_path / "bar"
+    assert _run(colls["dups"], out, "--data.batch_size", "2", "--progress_bar", "true") == 0
     err = capsys.readouterr().err
-    # 5 distinct images + 3 distinct texts of 16 rows; 5 batches.
-    assert "8/8" in err and "unit" in err
-    assert "16/16" not in err and "5/5" not in err
-    # A caller's own bar (of this class here) replaces the default one.
-    bar = UnitProgressBar()
-    compute_features(
-        colls["dups"], tmp_path / "own", TINY_CLIP, batch_size=2, progress=True, callbacks=[bar]
-    )
-    assert "8/8" in capsys.readouterr().err
+    # 5 distinct images + 3 distinct texts of 16 rows: 3 + 2 batches of 2 units.
+    assert "features batch" in err and "5/5" in err
+    assert "16/16" not in err and "8/8" not in err
 
 
 def test_a_store_of_format_version_1_is_still_read_and_reused(
     colls, dup_reference, encoder_calls, tmp_path
 ) -> None:
-    import shutil
-
     old = tmp_path / "v1"
-    shutil.copytree(dup_reference, old)
-    manifest = json.loads((old / MANIFEST).read_text())
+    old.mkdir()
+    for name in ("image.npy", "text.npy"):
+        shutil.copy(dup_reference / name, old / name)
+    manifest = json.loads((dup_reference / MANIFEST).read_text())
     for key in ("dedup", "num_distinct_images", "num_distinct_texts"):
         del manifest[key]
     (old / MANIFEST).write_text(json.dumps({**manifest, "version": 1}))
     assert FeatureStore(old).complete
-    assert compute_features(colls["dups"], old, TINY_CLIP, batch_size=2) == old
+    before = (old / MANIFEST).read_bytes()
+    assert _run(colls["dups"], old, "--data.batch_size", "2") == 0
     assert encoder_calls == {"images": 0, "texts": 0}  # same features: nothing recomputed
+    assert (old / MANIFEST).read_bytes() == before and _same_arrays(old, dup_reference)
     (old / MANIFEST).write_text(json.dumps({**manifest, "version": 3}))
     with pytest.raises(FeatureStoreError, match="version 3 is not supported"):
         FeatureStore(old)
 
 
-def test_an_unfinished_build_of_format_version_1_is_restarted(colls, reference, tmp_path) -> None:
-    out = tmp_path / "store"
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        compute_features(colls["vqa"], out, TINY_CLIP, batch_size=4, callbacks=[_CrashAt(1)])
-    # Rewrite the scratch as version 1 left it: no units file, a done mask over rows, here
-    # claiming everything is done. Trusting it would finalise zero rows.
-    scratch = partial_dir(out)
-    manifest = json.loads((scratch / MANIFEST).read_text())
-    (scratch / MANIFEST).write_text(json.dumps({**manifest, "version": 1}))
-    (scratch / UNITS).unlink()
-    np.save(scratch / DONE, np.ones(N, np.uint8))
-    count = _Count()
-    compute_features(colls["vqa"], out, TINY_CLIP, batch_size=4, callbacks=[count])
-    assert count.units == U
-    ref_img, ref_txt = _arrays(reference)
-    img, txt = _arrays(out)
-    assert np.array_equal(img, ref_img) and np.array_equal(txt, ref_txt)
-
-
 # -- resume --------------------------------------------------------------------------------------
 
 
-def test_resume_after_a_crash_computes_each_row_once(colls, reference, tmp_path) -> None:
+def test_resume_after_a_crash_encodes_each_batch_once(
+    colls, reference, encoder_calls, tmp_path, caplog
+) -> None:
     out = tmp_path / "store"
-    first = _Count()
     with pytest.raises(RuntimeError, match="simulated crash"):
-        # A long sync interval: the rows of the finished batches are kept because the writer
-        # flushes them (and marks them done) when the exception passes through.
-        compute_features(
-            colls["vqa"],
-            out,
-            TINY_CLIP,
-            batch_size=4,
-            callbacks=[first, _CrashAt(2)],
-            sync_interval=1e9,
-        )
-    assert first.units == 8 and first.kinds == ["image", "image"]
-    scratch = partial_dir(out)
-    assert not out.exists() and scratch.is_dir()
-    with pytest.raises(FeatureStoreError, match="incomplete"):
-        FeatureStore(scratch)
-    partial = FeatureStore(scratch, allow_incomplete=True)
-    assert np.array_equal(partial.image[:8], FeatureStore(reference).image[:8])
-    assert np.load(scratch / DONE).shape == (U,)
-    assert np.count_nonzero(np.load(scratch / DONE)) == 8
+        _run(colls["vqa"], out, *_callback("CrashAt", batch=2))
+    assert encoder_calls == {"images": 8, "texts": 0}
+    assert _part_batches(out) == [0, 1] and not (out / MANIFEST).exists()
+    assert not (out / "run.lock").exists()  # released on the way out
 
-    second = _Count()
-    assert compute_features(colls["vqa"], out, TINY_CLIP, batch_size=4, callbacks=[second]) == out
-    assert second.units == U - 8  # finished units are not recomputed
-    ref_img, ref_txt = _arrays(reference)
-    img, txt = _arrays(out)
-    assert np.array_equal(img, ref_img) and np.array_equal(txt, ref_txt)  # byte-identical
-    assert not scratch.exists()
+    encoder_calls.update(images=0, texts=0)
+    with caplog.at_level("INFO", logger="leverlm.features"):
+        assert _run(colls["vqa"], out) == 0
+    assert "skipped 2 batch" in caplog.text and "(resume)" in caplog.text
+    assert encoder_calls == {"images": N - 8, "texts": N}  # finished batches are not redone
+    assert _same_arrays(out, reference)  # byte-identical
+    assert not (out / "parts").exists()
 
-    third = _Count()
-    compute_features(colls["vqa"], out, TINY_CLIP, batch_size=4, callbacks=[third])
-    assert third.batches == 0  # complete: nothing recomputed
+    encoder_calls.update(images=0, texts=0)
+    assert _run(colls["vqa"], out) == 0
+    assert encoder_calls == {"images": 0, "texts": 0}  # complete: nothing recomputed
+    assert _same_arrays(out, reference)
 
 
-class _KillAt(L.Callback):
-    """SIGKILLs its own process before predict batch ``k``: no Python cleanup runs."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-
-    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, *_):
-        if batch_idx == self.k:
-            os.kill(os.getpid(), signal.SIGKILL)
+def _run_then_get_killed(collection: str, out: str, batch: int) -> None:
+    _run(Path(collection), Path(out), *_callback("KillAt", batch=batch))
 
 
-def _build_then_get_killed(collection: str, out: str, sync_interval: float) -> None:
-    compute_features(
-        collection,
-        out,
-        TINY_CLIP,
-        batch_size=4,
-        callbacks=[_KillAt(2)],
-        sync_interval=sync_interval,
-    )
-
-
-@pytest.mark.parametrize(("sync_interval", "kept"), [(0.0, 8), (1e9, 0)])
-def test_resume_after_kill_9(colls, reference, tmp_path, sync_interval, kept) -> None:
-    # sync_interval 0 marks every batch done as soon as its rows are flushed; with a long
-    # interval a killed job has marked nothing (its rows may be on disk, unmarked) and the
-    # rerun recomputes everything; both give the uninterrupted arrays.
+@pytest.mark.parametrize(("batch", "devices"), [(2, 1), (5, 2)])
+def test_resume_after_kill_9(colls, reference, encoder_calls, tmp_path, batch, devices) -> None:
     out = tmp_path / "killed"
     # A forked child inherits the loaded modules, so this costs no interpreter start-up.
     proc = multiprocessing.get_context("fork").Process(
-        target=_build_then_get_killed, args=(str(colls["vqa"]), str(out), sync_interval)
+        target=_run_then_get_killed, args=(str(colls["vqa"]), str(out), batch)
     )
     proc.start()
     proc.join(timeout=120)
     assert proc.exitcode == -signal.SIGKILL
-    assert not out.exists()
-    assert np.count_nonzero(np.load(partial_dir(out) / DONE)) == kept
-    count = _Count()
-    compute_features(colls["vqa"], out, TINY_CLIP, batch_size=4, callbacks=[count])
-    assert count.units == U - kept
-    ref_img, ref_txt = _arrays(reference)
-    img, txt = _arrays(out)
-    assert np.array_equal(img, ref_img) and np.array_equal(txt, ref_txt)
+    assert _part_batches(out) == list(range(batch)) and not (out / MANIFEST).exists()
+    # The rerun takes over the dead owner's lock and finishes, on 1 or 2 processes.
+    assert _run(colls["vqa"], out, *(DDP if devices == 2 else ())) == 0
+    if devices == 1:  # (the DDP ranks encode in child processes)
+        done_images = 4 * batch
+        assert encoder_calls == {"images": N - done_images, "texts": N}
+    assert _same_arrays(out, reference)
+
+
+def test_merge_command_finishes_a_run_whose_merge_did_not_happen(
+    colls, reference, tmp_path, capsys
+) -> None:
+    out = tmp_path / "store"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(colls["vqa"], out, *_callback("CrashAt", batch=None))
+    assert _part_batches(out) == list(range(8)) and not (out / MANIFEST).exists()
+    assert cli_main(["features", "merge", "--out", str(out)]) == 0
+    assert _same_arrays(out, reference) and not (out / "parts").exists()
+
+
+def test_a_limited_run_is_unfinished_and_merge_names_the_missing_batches(
+    colls, reference, tmp_path, capsys
+) -> None:
+    out = tmp_path / "store"
+    assert _run(colls["vqa"], out, "--trainer.limit_predict_batches", "3") == 3
+    assert re.search(r"error: 5 batch\w* of .* are not done yet", capsys.readouterr().err)
+    assert cli_main(["features", "merge", "--out", str(out)]) == 2
+    assert (
+        "5 of 8 batches have no part file yet (first: [3, 4, 5, 6, 7])" in capsys.readouterr().err
+    )
+    assert not (out / MANIFEST).exists()
+    assert _run(colls["vqa"], out) == 0 and _same_arrays(out, reference)
 
 
 # -- multi-process -----------------------------------------------------------------------------
@@ -524,73 +469,34 @@ def test_resume_after_kill_9(colls, reference, tmp_path, sync_interval, kept) ->
 
 def test_two_process_ddp_equals_one_process(colls, reference, tmp_path) -> None:
     # Fork-based DDP keeps the test fast; the subprocess launcher is tested through the CLI.
-    out = compute_features(
-        colls["vqa"],
-        tmp_path / "ddp",
-        TINY_CLIP,
-        batch_size=4,
-        devices=2,
-        accelerator="cpu",
-        strategy="ddp_fork",
-    )
-    ref_img, ref_txt = _arrays(reference)
-    img, txt = _arrays(out)
-    assert np.array_equal(img, ref_img) and np.array_equal(txt, ref_txt)
+    out = tmp_path / "ddp"
+    assert _run(colls["vqa"], out, *DDP) == 0
+    assert _same_arrays(out, reference)
 
 
 def test_ddp_resume_with_fewer_batches_than_ranks(colls, reference, tmp_path) -> None:
     out = tmp_path / "store"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        compute_features(colls["vqa"], out, TINY_CLIP, batch_size=4, callbacks=[_CrashAt(7)])
-    # One batch (text unit [25]) is left: rank 1 runs an empty batch and must not hang or write.
-    assert np.count_nonzero(np.load(partial_dir(out) / DONE)) == U - 1
-    compute_features(
-        colls["vqa"],
-        out,
-        TINY_CLIP,
-        batch_size=4,
-        devices=2,
-        accelerator="cpu",
-        strategy="ddp_fork",
-    )
-    ref_img, ref_txt = _arrays(reference)
-    img, txt = _arrays(out)
-    assert np.array_equal(img, ref_img) and np.array_equal(txt, ref_txt)
+        _run(colls["vqa"], out, *_callback("CrashAt", batch=7))
+    # One batch (text units [12]) is left: rank 1 has nothing to do and must not hang or write.
+    assert _part_batches(out) == list(range(7))
+    assert _run(colls["vqa"], out, *DDP) == 0
+    assert _same_arrays(out, reference)
 
 
 @pytest.mark.slow
 def test_cli_ddp_subprocess_launcher_equals_one_process(colls, reference, tmp_path) -> None:
     # The real multi-GPU launcher: every rank re-runs the command (and its input checks);
-    # only rank 0 prepares and finalises the store.
+    # only rank 0 prepares the folder and merges.
     out = tmp_path / "cli"
-    cmd = [
-        sys.executable,
-        "-m",
-        "leverlm.cli",
-        "features",
-        "--config",
-        str(REPO / "conf" / "encoder" / "tiny-clip.yaml"),
-        "--collection",
-        str(colls["vqa"]),
-        "--out",
-        str(out),
-        "--batch-size",
-        "4",
-        "--devices",
-        "2",
-        "--strategy",
-        "ddp",
-        "--accelerator",
-        "cpu",
-        "--no-progress",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    cmd = [sys.executable, "-m", "leverlm.cli", "features", "predict", "--config", str(TINY)]
+    cmd += ["--data.collection", str(colls["vqa"]), "--out", str(out), "--data.batch_size", "4"]
+    cmd += ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
+    cmd += ["--progress_bar", "false", "--trainer.logger", "false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == str(out)
-    ref_img, ref_txt = _arrays(reference)
-    img, txt = _arrays(out)
-    assert np.array_equal(img, ref_img) and np.array_equal(txt, ref_txt)
+    assert re.search(r"rank 1: skipped 0 batch\w* already done, 4 to do on this rank", proc.stderr)
+    assert _same_arrays(out, reference)
 
 
 # -- mismatches and bad input ------------------------------------------------------------------
@@ -606,60 +512,95 @@ def test_check_matches_detects_another_collection(colls, reference) -> None:
         store.check_matches(Collection(colls["other"]))
 
 
-def test_check_matches_refuses_an_incomplete_store(colls, tmp_path) -> None:
-    out = tmp_path / "store"
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        compute_features(colls["vqa"], out, TINY_CLIP, batch_size=4, callbacks=[_CrashAt(1)])
-    partial = FeatureStore(partial_dir(out), allow_incomplete=True)
+def test_check_matches_refuses_an_incomplete_store(colls, reference, tmp_path) -> None:
+    partial = tmp_path / "partial"
+    shutil.copytree(reference, partial)
+    manifest = json.loads((partial / MANIFEST).read_text())
+    (partial / MANIFEST).write_text(json.dumps({**manifest, "complete": False}))
     with pytest.raises(FeatureStoreError, match="incomplete"):
-        partial.check_matches(colls["vqa"])
+        FeatureStore(partial)
+    with pytest.raises(FeatureStoreError, match="incomplete"):
+        FeatureStore(partial, allow_incomplete=True).check_matches(colls["vqa"])
 
 
-def test_other_inputs_need_overwrite_and_keep_the_old_store_until_done(colls, tmp_path) -> None:
-    out = compute_features(colls["vqa"], tmp_path / "store", TINY_CLIP, batch_size=4)
-    before = (out / "image.npy").read_bytes()
-    with pytest.raises(FeatureStoreError, match="normalize: False != True"):
-        compute_features(colls["vqa"], out, TINY_CLIP, batch_size=4, normalize=True)
-    with pytest.raises(FeatureStoreError, match="collection_name"):
-        compute_features(colls["other"], out, TINY_CLIP, batch_size=4)
-    assert (out / "image.npy").read_bytes() == before  # untouched by the refusals
-    # An interrupted overwrite leaves the old store whole and readable.
+def test_other_inputs_need_overwrite_and_keep_the_old_store_until_done(
+    colls, encoder_calls, tmp_path, capsys
+) -> None:
+    out = tmp_path / "store"
+    assert _run(colls["vqa"], out) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert _run(colls["vqa"], out, "--model.normalize", "true") == 2
+    assert "normalize: False != True" in capsys.readouterr().err
+    assert _run(colls["other"], out) == 2
+    assert "collection_name" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched by refusals
+    # An interrupted overwrite leaves the old store whole and readable ...
+    crash = _callback("CrashAt", batch=1)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        compute_features(
-            colls["vqa"],
-            out,
-            TINY_CLIP,
-            batch_size=4,
-            normalize=True,
-            overwrite=True,
-            callbacks=[_CrashAt(1)],
-        )
+        _run(colls["vqa"], out, "--model.normalize", "true", "--overwrite", "true", *crash)
     assert FeatureStore(out).complete and not FeatureStore(out).normalized
-    assert (out / "image.npy").read_bytes() == before
-    # A rerun of other inputs without --overwrite is refused because of the unfinished build.
-    compute_features(colls["vqa"], out, TINY_CLIP, batch_size=4, normalize=True, overwrite=True)
+    assert (out / "image.npy").read_bytes() == before["image.npy"]
+    # ... until the same command (resumed without --overwrite: it is this folder's run now)
+    # replaces it.
+    assert _run(colls["vqa"], out, "--model.normalize", "true") == 0
     assert FeatureStore(out).normalized
+    # --overwrite of a complete store of the same features encodes it again.
+    encoder_calls.update(images=0, texts=0)
+    assert _run(colls["vqa"], out, "--model.normalize", "true", "--overwrite", "true") == 0
+    assert encoder_calls == {"images": N, "texts": N} and FeatureStore(out).normalized
 
 
-def test_bad_pretrained_path_fails_before_anything_is_written(colls, tmp_path) -> None:
+def test_a_merge_killed_while_replacing_a_store_never_leaves_a_mix(
+    colls, reference, tmp_path, monkeypatch
+) -> None:
+    import leverlm.encoders.job as job
+
     out = tmp_path / "store"
-    with pytest.raises(EncoderError, match="missing-weights.pt"):
-        compute_features(
-            colls["vqa"], out, TINY_CLIP, pretrained=str(tmp_path / "missing-weights.pt")
-        )
-    assert not out.exists() and not partial_dir(out).exists()
+    shutil.copytree(reference, out)
+    write_json = job.atomic_write_json
+
+    def crash(path, obj):
+        raise RuntimeError("simulated crash")
+
+    # Killed after the new arrays went into place, before the new manifest was written: the
+    # folder is not a store (rather than old rows under a new manifest, or the reverse).
+    monkeypatch.setattr(job, "atomic_write_json", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(colls["vqa"], out, "--model.normalize", "true", "--overwrite", "true")
+    with pytest.raises(FeatureStoreError, match="not a feature store"):
+        FeatureStore(out)
+    monkeypatch.setattr(job, "atomic_write_json", write_json)
+    assert _run(colls["vqa"], out, "--model.normalize", "true") == 0  # the merge is redone
+    normalized = tmp_path / "normalized"
+    assert _run(colls["vqa"], normalized, "--model.normalize", "true") == 0
+    assert FeatureStore(out).normalized and _same_arrays(out, normalized)
 
 
-def test_bad_text_field_fails_before_anything_is_written(colls, tmp_path) -> None:
+def test_bad_checkpoints_fail_before_anything_is_written(colls, tmp_path, capsys) -> None:
     out = tmp_path / "store"
-    with pytest.raises(FeatureStoreError, match="'nope'.*missing"):
-        compute_features(colls["vqa"], out, TINY_CLIP, text_field="nope")
-    with pytest.raises(FeatureStoreError, match="'answers'.*not a string"):
-        compute_features(colls["vqa"], out, TINY_CLIP, text_field="answers")
-    assert not out.exists() and not partial_dir(out).exists()
+    missing = tmp_path / "missing-weights.pt"
+    assert _run(colls["vqa"], out, "--model.pretrained", str(missing)) == 2
+    assert "missing-weights.pt" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10" + b"\x00" * 7 + b"{}not a checkpoint")
+    assert _run(colls["vqa"], out, "--model.pretrained", str(garbage)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "garbage.safetensors' cannot be loaded" in err
+    assert not out.exists()
 
 
-def test_a_bad_text_field_in_a_later_sample_fails_before_anything_is_written(tmp_path) -> None:
+def test_bad_text_field_fails_before_anything_is_written(colls, tmp_path, capsys) -> None:
+    out = tmp_path / "store"
+    assert _run(colls["vqa"], out, "--data.text_field", "nope") == 2
+    assert re.search("'nope'.*missing", capsys.readouterr().err)
+    assert _run(colls["vqa"], out, "--data.text_field", "answers") == 2
+    assert re.search("'answers'.*not a string", capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_a_bad_text_field_in_a_later_sample_fails_before_anything_is_written(
+    tmp_path, capsys
+) -> None:
     def records():
         for i, rec in enumerate(_vqa_records(6, 3)):
             if i == 4:
@@ -668,24 +609,40 @@ def test_a_bad_text_field_in_a_later_sample_fails_before_anything_is_written(tmp
 
     coll = write_collection(tmp_path / "bad", records(), name="bad", task="vqa", split="train")
     out = tmp_path / "store"
-    with pytest.raises(FeatureStoreError, match=r"'q3-0004' \(position 4\).*'question'"):
-        compute_features(coll, out, TINY_CLIP)
-    assert not out.exists() and not partial_dir(out).exists()
+    assert _run(coll, out) == 2
+    assert re.search(r"'q3-0004' \(position 4\).*'question'", capsys.readouterr().err)
+    assert not out.exists()
 
 
-def test_refuses_to_replace_a_folder_that_is_not_a_store(colls, tmp_path) -> None:
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_truncated_image_is_named_by_key_and_shard(tmp_path, capsys, workers) -> None:
+    def records():
+        for i, rec in enumerate(_vqa_records(6, 3)):
+            if i == 4:
+                rec = SampleRecord(rec.key, rec.image[: len(rec.image) // 2], "png", rec.fields)
+            yield rec
+
+    coll = write_collection(tmp_path / "bad", records(), name="bad", task="vqa", split="train")
+    out = tmp_path / "store"
+    assert _run(coll, out, "--data.num_workers", workers) == 2
+    err = capsys.readouterr().err
+    assert "sample 'q3-0004': the image cannot be decoded" in err and "shard-000000.tar" in err
+    if workers == "0":  # (a DataLoader worker's error comes wrapped in its traceback)
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
+    assert not (out / MANIFEST).exists()
+
+
+def test_refuses_to_write_into_a_folder_that_is_not_a_store(colls, tmp_path, capsys) -> None:
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    for overwrite in (False, True):
-        with pytest.raises(FeatureStoreError, match="not a feature store"):
-            compute_features(colls["vqa"], out, TINY_CLIP, overwrite=overwrite)
-    assert (out / "notes.txt").read_text() == "keep me"
+    for overwrite in ("false", "true"):
+        assert _run(colls["vqa"], out, "--overwrite", overwrite) == 2
+        assert "not a feature store" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
-def test_corrupt_store_files_are_named(reference, tmp_path) -> None:
-    import shutil
-
+def test_corrupt_store_and_part_files_are_named(colls, reference, tmp_path, capsys) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(reference, bad)
     np.save(bad / "text.npy", np.zeros((N - 1, 4), np.float16))
@@ -697,55 +654,73 @@ def test_corrupt_store_files_are_named(reference, tmp_path) -> None:
         FeatureStore(bad)
     with pytest.raises(FeatureStoreError, match="not a feature store"):
         FeatureStore(tmp_path / "nothing")
+    out = tmp_path / "parts"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(colls["vqa"], out, *_callback("CrashAt", batch=2))
+    part = sorted((out / "parts").glob("rank*.npz"))[1]
+    part.write_bytes(part.read_bytes()[:100])
+    assert _run(colls["vqa"], out) == 2
+    assert f"part file {part} is unreadable" in capsys.readouterr().err
 
 
-# -- CLI -----------------------------------------------------------------------------------------
+# -- the command line and the shipped configs --------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "conf" / "encoder").glob("*.yaml")))
-def test_encoder_configs_parse(name, colls, tmp_path) -> None:
-    from leverlm.encoders.job import _load_config
-
-    parser = build_parser()
-    data = _load_config(str(REPO / "conf" / "encoder" / name), parser)
-    assert data["model_name"]
-    parser.set_defaults(**data)
-    args = parser.parse_args(["--collection", str(colls["vqa"])])
-    assert args.model_name == data["model_name"]
-
-
-def test_cli_runs_in_process_and_rejects_unknown_config_keys(colls, tmp_path, capsys) -> None:
+def test_cli_options_threads_and_refusals(colls, tmp_path, capsys) -> None:
     out = tmp_path / "cli"
-    rc = features_main(
-        ["--collection", str(colls["caption"]), "--out", str(out), "--model", TINY_CLIP]
-        + ["--batch-size", "2", "--normalize", "--accelerator", "cpu", "--no-progress"]
-    )
-    assert rc == 0 and capsys.readouterr().out.strip() == str(out)
-    assert FeatureStore(out).normalized and len(FeatureStore(out)) == 5
-    assert FeatureStore(out).manifest["dedup"] is True
-    every = tmp_path / "every"
-    rc = features_main(
-        ["--collection", str(colls["caption"]), "--out", str(every), "--model", TINY_CLIP]
-        + ["--batch-size", "2", "--no-dedup", "--accelerator", "cpu", "--no-progress"]
-    )
-    assert rc == 0 and FeatureStore(every).manifest["dedup"] is False
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        rc = features_main(
-            ["--collection", str(colls["caption"]), "--out", str(out), "--model", TINY_CLIP]
-            + ["--batch-size", "2", "--normalize", "--cpu-threads", "1", "--no-progress"]
-        )
-        assert rc == 0 and torch.get_num_threads() == 1
+        assert _run(colls["caption"], out, "--data.dedup", "false", "--cpu_threads", "1") == 0
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
-    with pytest.raises(SystemExit):
-        features_main(
-            ["--collection", str(colls["vqa"]), "--model", TINY_CLIP, "--cpu-threads", "0"]
-        )
+    assert FeatureStore(out).manifest["dedup"] is False and len(FeatureStore(out)) == 5
+    assert _run(colls["vqa"], tmp_path / "t0", "--cpu_threads", "0") == 2
+    assert "--cpu_threads=0 must be >= 1" in capsys.readouterr().err
+    assert _run(colls["vqa"], tmp_path / "bs0", "--data.batch_size", "0") == 2
+    assert "data.batch_size must be an int >= 1, got 0" in capsys.readouterr().err
+    no_out = ["features", "predict", "--config", str(TINY), "--data.collection", str(colls["vqa"])]
+    assert cli_main(no_out) == 2
+    assert "no output folder: pass --out DIR" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model_name: leverlm-tiny-clip\nbatchsize: 3\n")
-    with pytest.raises(SystemExit, match="batchsize"):
-        features_main(["--config", str(bad), "--collection", str(colls["vqa"])])
+    bad.write_text("model:\n  model_name: leverlm-tiny-clip\ndata:\n  batchsize: 3\n")
     with pytest.raises(SystemExit):
-        features_main(["--collection", str(colls["vqa"])])  # no --model
+        _run(colls["vqa"], tmp_path / "x", config=bad)
+    assert "batchsize" in capsys.readouterr().err
+    bad.write_text("data:\n  batch_size: 3\n")  # no model.model_name
+    with pytest.raises(SystemExit):
+        _run(colls["vqa"], tmp_path / "x", config=bad)
+    assert "model_name" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("t0", "bs0", "x"))
+
+
+CONFIGS = sorted((ROOT / "conf" / "encoder").glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [pytest.param(p, marks=[] if p == TINY else [pytest.mark.slow]) for p in CONFIGS],
+    ids=lambda p: p.name,
+)
+def test_encoder_configs_run_as_written(config, tmp_path) -> None:
+    """Each conf/encoder config runs as shipped; only the collection (and --out) are supplied.
+    Without a checkpoint (``pretrained: null`` as shipped) open_clip initialises randomly."""
+    coll = write_collection(
+        tmp_path / "coll", _vqa_records(2, 4), name="two", task="vqa", split="train"
+    )
+    out = tmp_path / "store"
+    args = ["features", "predict", "--config", str(config), "--data.collection", str(coll)]
+    args += ["--out", str(out), "--trainer.logger", "false", "--progress_bar", "false"]
+    if config == TINY:
+        assert cli_main(args) == 0
+    else:
+        with pytest.warns(UserWarning, match="no checkpoint: random init"):
+            assert cli_main(args) == 0
+    import yaml
+
+    shipped = yaml.safe_load(config.read_text())
+    store = FeatureStore(out)
+    assert store.manifest["model_name"] == shipped["model"]["model_name"] and len(store) == 2
+    header = json.loads((out / "run.json").read_text())
+    assert header["config"]["data"]["batch_size"] == shipped["data"]["batch_size"]

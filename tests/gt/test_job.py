@@ -270,7 +270,7 @@ def test_other_config_in_out_is_refused(world, capsys, no_model_load):
     assert _run(world.cfg, world.ref, "--data.seed", "7") == 2
     err = capsys.readouterr().err
     assert (
-        "holds a `leverlm gt` run with other inputs or settings (config data.seed changed)" in err
+        "holds a `leverlm gt` run with other inputs or settings (changed: config data.seed)" in err
     )
     assert "--overwrite" in err
     assert _bytes(world.ref) == before

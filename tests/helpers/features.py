@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from leverlm.encoders.store import collection_name
+from leverlm.data.collection import read_manifest
 from leverlm.utils import atomic_write_json, sha256_file
 
 #: the collection sha256 of stores and gt datasets made without a collection folder
@@ -30,7 +30,7 @@ def write_store(
         "normalize": False,
         "num_rows": int(image.shape[0]),
         "complete": True,
-        "collection_name": collection_name(collection) if collection else None,
+        "collection_name": read_manifest(collection)["name"] if collection else None,
         "collection_path": str(collection) if collection else None,
         "collection_manifest_sha256": (
             sha256_file(Path(collection) / "manifest.json") if collection else NO_COLLECTION_SHA256

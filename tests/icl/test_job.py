@@ -449,7 +449,9 @@ def test_other_config_in_out_is_refused(world, capsys, no_model_load):
     parts = sorted(p.name for p in (world.ref / "parts").iterdir())
     assert _run(world.cfg, world.ref, "--data.seed", "7") == 2
     err = capsys.readouterr().err
-    assert "holds a `leverlm eval` run with other inputs or settings (config data.seed" in err
+    assert (
+        "holds a `leverlm eval` run with other inputs or settings (changed: config data.seed" in err
+    )
     assert "--overwrite" in err
     assert _bytes(world.ref) == before
     assert sorted(p.name for p in (world.ref / "parts").iterdir()) == parts

@@ -364,4 +364,6 @@ def test_another_config_in_the_run_folder_is_refused(trained, capsys):
     out, _, args = trained
     assert cli_main(["train", "fit", *args, "--model.lr", "0.5"]) == 2
     err = capsys.readouterr().err
-    assert "holds a `leverlm train` run with other inputs or settings (config model.lr" in err
+    assert (
+        "holds a `leverlm train` run with other inputs or settings (changed: config model.lr" in err
+    )

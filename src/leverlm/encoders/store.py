@@ -8,20 +8,18 @@ Layout of a store folder::
     text.npy        float16 [num_rows, dim]
 
 Each distinct image (by content hash) and each distinct text is encoded once; every row holds
-its own copy, so readers never see the deduplication. A store is built in a sibling scratch
-folder ``.<name>.partial/`` (which also holds the build bookkeeping: ``units.npy``, the work
-units, and ``done.npy``, their done mask) and moved into place only when every row is written,
-so a folder with a ``manifest.json`` saying ``complete: true`` is always whole.
+its own copy, so readers never see the deduplication. ``leverlm features`` writes the arrays
+first and the manifest last, so a folder with a ``manifest.json`` saying ``complete: true`` is
+always whole.
 
-Version 2 added the deduplicated build (its bookkeeping and the ``num_distinct_*`` fields);
-version 1 stores hold the same arrays and stay readable.
+Version 2 added the deduplicated build (the ``num_distinct_*`` fields); version 1 stores hold
+the same arrays and stay readable.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +35,6 @@ READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 IMAGE = "image.npy"
 TEXT = "text.npy"
-DONE = "done.npy"
-UNITS = "units.npy"
 DTYPE = np.float16
 # Manifest keys that do not change what the arrays contain: a moved collection or checkpoint
 # still matches; completeness is checked on its own; the version and the deduplication counts
@@ -59,37 +55,10 @@ class FeatureStoreError(LeverError):
     """A feature store is missing, incomplete, corrupt or built for other inputs."""
 
 
-def _safe_name(name: str) -> str:
-    # Model names may carry schemas and slashes (hf-hub:org/repo); keep one path component.
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._") or "model"
-
-
 def collection_manifest_path(collection: Any) -> Path:
     """``manifest.json`` of a collection given as a path or a ``Collection`` (its ``path``)."""
     root = Path(getattr(collection, "path", collection))
     return root if root.name == MANIFEST else root / MANIFEST
-
-
-def collection_name(collection_path: str | os.PathLike) -> str:
-    """A collection's name: ``manifest.json``'s ``name`` if present, else its folder name."""
-    manifest_path = collection_manifest_path(collection_path)
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        manifest = {}
-    name = manifest.get("name") if isinstance(manifest, dict) else None
-    return str(name) if name else manifest_path.parent.resolve().name
-
-
-def default_feature_dir(collection_path: str | os.PathLike, model_name: str) -> Path:
-    """Where ``leverlm features`` writes when ``--out`` is omitted.
-
-    ``<collection>/../features/<collection-name>/<model-name>/``: the features sit beside the
-    collections (one folder per collection x encoder), with unsafe characters in the model name
-    replaced by ``_``.
-    """
-    root = collection_manifest_path(collection_path).parent.resolve()
-    return root.parent / "features" / _safe_name(collection_name(root)) / _safe_name(model_name)
 
 
 def identity(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +129,7 @@ class FeatureStore:
         if not self.manifest.get("complete") and not allow_incomplete:
             raise FeatureStoreError(
                 f"feature store {self.path} is incomplete (manifest 'complete' is false); "
-                f"rerun 'leverlm features' to finish it"
+                f"rerun `leverlm features predict` to finish it"
             )
         n, d = self.manifest["num_rows"], self.manifest["dim"]
         self.image = open_array(self.path / IMAGE, n, d)
@@ -211,7 +180,8 @@ class FeatureStore:
                 f"feature store {self.path} was built for collection "
                 f"{self.manifest.get('collection_name')!r} (manifest sha256 {str(want)[:12]}...), "
                 f"not for {folder or 'this one'} (sha256 {sha256[:12]}...); rebuild it with "
-                f"'leverlm features --collection {folder or 'COLLECTION'} --overwrite'"
+                f"`leverlm features predict --data.collection {folder or 'COLLECTION'} --out "
+                f"{self.path} --overwrite`"
             )
 
 
@@ -235,7 +205,7 @@ def open_store(
     if not path.is_dir():
         problem = "is not a feature store folder" if path.exists() else "does not exist"
         raise FeatureStoreError(
-            f"{what}: {path} {problem} (a folder written by 'leverlm features')"
+            f"{what}: {path} {problem} (a folder written by `leverlm features predict`)"
         )
     try:
         opened = FeatureStore(path)

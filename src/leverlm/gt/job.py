@@ -456,7 +456,7 @@ def _summary(values: Sequence[float]) -> dict[str, float]:
 class GtJob(Job):
     """Anchors -> records; merged into ``records.jsonl`` + ``manifest.json``."""
 
-    name, unit = "gt", "anchor"
+    name, unit, units = "gt", "anchor", "anchors"
     results = ("records.jsonl", "manifest.json")
 
     def plan(self, cfg: dict[str, Any]) -> RunHeader:

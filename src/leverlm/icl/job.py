@@ -1041,7 +1041,7 @@ class EvalJob(Job):
     """(query, method, shots) -> predictions; merged into ``predictions.jsonl``, ``manifest.json``
     and the report."""
 
-    name, unit, part_size = "eval", "prediction", 64
+    name, unit, units, part_size = "eval", "prediction", "predictions", 64
     results = (PREDICTIONS, MANIFEST, *REPORT_FILES)
 
     def add_arguments(self, parser: Any) -> None:

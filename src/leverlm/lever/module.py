@@ -366,6 +366,8 @@ class LeverLMCLI(LightningCLI):
     """``leverlm train fit|validate``: the data -> model links, a run folder (``--out``: config,
     checkpoints, logs) and resume from its ``last.ckpt`` by default."""
 
+    locked: Any = None  # the run folder this process holds the lock of
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         # the module has no test/predict steps: offer only what works
@@ -435,6 +437,7 @@ class LeverLMCLI(LightningCLI):
         status = run.status(header, cfg["overwrite"])
         if is_launcher_rank():
             run.lock()
+            LeverLMCLI.locked = run
             run.prepare(header, cfg["overwrite"])
         last = Path(cfg["checkpoint"]["dirpath"]) / "last.ckpt"
         if (
@@ -479,8 +482,9 @@ def main(argv: list[str]) -> int:
     # LightningCLI reads sys.argv (and warns when given both); show "leverlm train" in --help
     saved = sys.argv
     sys.argv = ["leverlm train", *argv]
+    LeverLMCLI.locked = None
     try:
-        cli = LeverLMCLI(
+        LeverLMCLI(
             LeverLMModule,
             LeverLMDataModule,
             parser_kwargs={"parser_mode": "omegaconf"},
@@ -491,7 +495,6 @@ def main(argv: list[str]) -> int:
         )
     finally:
         sys.argv = saved
-        run = getattr(locals().get("cli"), "run_dir", None)
-        if run is not None:
-            run.unlock()
+        if LeverLMCLI.locked is not None:
+            LeverLMCLI.locked.unlock()
     return 0
