@@ -38,8 +38,8 @@ def test_demo_commands_use_the_trained_clip_lvlm_and_feature_stores(tmp_path, mo
     for cmd in (gt, ev):
         assert cmd[cmd.index("--model.path") + 1] == str(lvlm_dir())
     train_store = d.paths.features(d.paths.train_collection)
-    assert gt[gt.index("--data.image_features") + 1] == str(train_store / "image.npy")
-    assert gt[gt.index("--data.text_features") + 1] == str(train_store / "text.npy")
+    assert gt[gt.index("--data.support_features") + 1] == str(train_store)
+    assert ev[ev.index("--data.support_features") + 1] == str(train_store)
 
 
 def test_missing_models_are_named(tmp_path, monkeypatch) -> None:

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from leverlm.icl import metrics
-from leverlm.icl.metrics import (
+from leverlm import metrics
+from leverlm.metrics import (
     MetricError,
     cider,
     compute_metric,

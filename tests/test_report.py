@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from leverlm.cli import main as cli_main
-from leverlm.icl.metrics import cider, vqa_accuracy_batch
+from leverlm.metrics import cider, vqa_accuracy_batch
 from leverlm.report import (
     ReportError,
     load_results,

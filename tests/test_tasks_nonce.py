@@ -15,9 +15,9 @@ from helpers.easyvqa import easyvqa_samples
 
 from leverlm.data.prep.easyvqa import COLORS, SHAPES, YES_NO
 from leverlm.gt.scoring import score_candidates, score_candidates_reference
-from leverlm.icl.metrics import vqa_accuracy
 from leverlm.lvlm import load_lvlm
 from leverlm.lvlm.tiny import build_tiny
+from leverlm.metrics import vqa_accuracy
 from leverlm.tasks import (
     EASYVQA_ANSWERS,
     NONCE_WORDS,

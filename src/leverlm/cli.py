@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "features": ("leverlm.encoders.job", "main", "CLIP features of a collection: predict | merge"),
     "gt": ("leverlm.gt.job", "main", "ground-truth ICD sequences: predict | merge"),
     "train": ("leverlm.lever.module", "main", "train Lever-LM: fit | validate"),
-    "select": ("leverlm.lever.generate", "main", "configure ICDs for queries with Lever-LM"),
+    "select": ("leverlm.lever.select", "main", "configure ICDs for queries with Lever-LM"),
     "eval": ("leverlm.icl.job", "main", "in-context evaluation: predict | merge"),
     "report": ("leverlm.report", "main", "tables and plots from eval results"),
     "bench": ("leverlm.bench", "main", "benchmarks: fast paths vs reference paths"),

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from leverlm.errors import LeverError
-from leverlm.icl.metrics import METRICS, MetricError
-from leverlm.utils import atomic_open
+from leverlm.metrics import METRICS, MetricError
+from leverlm.utils import atomic_open, read_jsonl
 
 REPORT_FORMATS = ("md", "csv", "json", "png")
 DEFAULT_INTERPOLATION_MAX_SHOTS = 4
@@ -141,31 +141,22 @@ def read_predictions(paths: Iterable[str | Path]) -> list[Prediction]:
     by_id: dict[tuple[str, str, int], Prediction] = {}
     refs_of: dict[str, Prediction] = {}
     for path in paths:
-        path = Path(path)
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ReportError(f"{where}: not valid JSON ({err.msg})") from None
-                pred = _parse_prediction(obj, where)
-                ident = (pred.query_key, pred.method, pred.shots)
-                seen = by_id.get(ident)
-                if seen is not None and seen != pred:
-                    raise ReportError(
-                        f"{where}: query {pred.query_key!r}, method {pred.method!r}, shots "
-                        f"{pred.shots} was already recorded differently at {seen.source}"
-                    )
-                first = refs_of.setdefault(pred.query_key, pred)
-                if first.references != pred.references:
-                    raise ReportError(
-                        f"{where}: references of query {pred.query_key!r} differ from those at "
-                        f"{first.source} (results of different runs mixed?)"
-                    )
-                by_id.setdefault(ident, pred)
+        for where, obj in read_jsonl(path, ReportError):
+            pred = _parse_prediction(obj, where)
+            ident = (pred.query_key, pred.method, pred.shots)
+            seen = by_id.get(ident)
+            if seen is not None and seen != pred:
+                raise ReportError(
+                    f"{where}: query {pred.query_key!r}, method {pred.method!r}, shots "
+                    f"{pred.shots} was already recorded differently at {seen.source}"
+                )
+            first = refs_of.setdefault(pred.query_key, pred)
+            if first.references != pred.references:
+                raise ReportError(
+                    f"{where}: references of query {pred.query_key!r} differ from those at "
+                    f"{first.source} (results of different runs mixed?)"
+                )
+            by_id.setdefault(ident, pred)
     return [by_id[k] for k in sorted(by_id, key=lambda k: (_method_rank(k[1]), k[2], k[0]))]
 
 
@@ -260,7 +251,7 @@ def compute_rows(
     tokenizer: str = "auto",
 ) -> tuple[list[ResultRow], dict[str, Any]]:
     """The metric per (method, shots); returns ``(rows, info)`` (info: e.g. the tokenizer)."""
-    from leverlm.icl.metrics import cider_from_tokens, tokenize_captions, vqa_accuracy_batch
+    from leverlm.metrics import cider_from_tokens, tokenize_captions, vqa_accuracy_batch
 
     interp = _check_interp(interpolation_max_shots)
     groups: dict[tuple[str, int], list[Prediction]] = {}

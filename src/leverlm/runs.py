@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from leverlm.errors import LeverError, Unfinished
-from leverlm.utils import atomic_open, atomic_write_json, sha256_file, sha256_json
+from leverlm.utils import atomic_open, atomic_write_json, read_jsonl, sha256_file, sha256_json
 
 log = logging.getLogger("leverlm.runs")
 
@@ -352,14 +352,7 @@ class RunDir:
 def read_jsonl_parts(paths: Iterable[Path]) -> Iterator[tuple[str, Any]]:
     """``(where, object)`` for every line of JSONL part files (``where`` = ``file:line``)."""
     for path in paths:
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    where = f"{path}:{lineno}"
-                    try:
-                        yield where, json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise RunError(f"{where}: invalid JSON ({err})") from None
+        yield from read_jsonl(path, RunError)
 
 
 # --------------------------------------------------------------------------------------------

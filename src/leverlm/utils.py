@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic writes, hashing, seeding, thread settings, quiet logs."""
+"""Small shared helpers: atomic writes, JSON lines, hashing, seeding, thread settings, quiet
+logs."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from leverlm.errors import LeverError
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -78,6 +81,24 @@ def atomic_replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike)
     else:
         os.replace(tmp_dir, final_dir)
     fsync_dir(final_dir.parent)
+
+
+def read_jsonl(
+    path: str | os.PathLike, error: type[Exception] = LeverError
+) -> Iterator[tuple[str, Any]]:
+    """The values of a JSON-lines file with their place: ``("file:line", value)`` per line.
+
+    Blank lines are skipped; a line that is not JSON raises ``error`` naming ``file:line``.
+    """
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                where = f"{path}:{lineno}"
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise error(f"{where}: not valid JSON ({err.msg})") from None
+                yield where, value
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 from helpers import ROOT
+from helpers.features import write_store
 
 from leverlm.cli import main as cli_main
 from leverlm.gt.data import read_gt
@@ -417,11 +418,11 @@ def test_demo_config_runs_with_the_default_logger(world, tmp_path):
     out = tmp_path / "demo"
     assert os.environ.get("WANDB_MODE") == "disabled"
     rng = np.random.default_rng(0)
-    for name in ("image", "text"):  # the demo's joint_sim sampler reads the CLIP features
-        np.save(tmp_path / f"{name}.npy", rng.standard_normal((NUM_SAMPLES, 8)).astype("f2"))
+    # the demo's joint_sim sampler reads the CLIP features
+    image, text = (rng.standard_normal((NUM_SAMPLES, 8)) for _ in range(2))
+    store = write_store(tmp_path / "store", image, text, world.coll)
     overrides = ["--data.collection", str(world.coll), "--model.path", str(lvlm_dir())]
-    overrides += ["--data.image_features", str(tmp_path / "image.npy")]
-    overrides += ["--data.text_features", str(tmp_path / "text.npy")]
+    overrides += ["--data.support_features", str(store)]
     cfg = ROOT / "conf" / "gt" / "easyvqa_tiny.yaml"
     assert _run(cfg, out, *overrides, "--data.num_anchors", "4", "--progress_bar", "false") == 0
     manifest, records = read_gt(out)
@@ -459,18 +460,16 @@ def test_similarity_mix_sampler_in_the_job(world, tmp_path):
 
     from leverlm.gt.samplers import build_sampler
 
-    store = tmp_path / "store"
-    store.mkdir()
     rng = np.random.default_rng(0)
-    for name in ("image", "text"):
-        np.save(store / f"{name}.npy", rng.standard_normal((NUM_SAMPLES, 16)).astype(np.float16))
+    image, text = (rng.standard_normal((NUM_SAMPLES, 16)) for _ in range(2))
+    store = write_store(tmp_path / "store", image, text, world.coll)
     out = tmp_path / "mix"
-    args = ["--data.sampler", "mix", "--data.image_features", str(store)]
-    args += ["--data.text_features", str(store), "--data.num_anchors", "3"]
+    args = ["--data.sampler", "mix", "--data.support_features", str(store)]
+    args += ["--data.num_anchors", "3"]
     assert _run(world.cfg, out, *args) == 0
     manifest, records = read_gt(out)
-    assert manifest["config"]["data"]["image_features"] == str(store)
-    sampler = build_sampler("mix", NUM_SAMPLES, K, 0, str(store), str(store))
+    assert manifest["config"]["data"]["support_features"] == str(store)
+    sampler = build_sampler("mix", NUM_SAMPLES, K, 0, str(store), collection=world.coll)
     for r in records:
         cands = set(sampler.sample([r.anchor_position])[0])
         assert all(set(s) <= cands for s in r.sequences)

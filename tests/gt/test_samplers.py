@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.features import write_store
 
 from leverlm.gt.samplers import (
     MixSampler,
@@ -13,8 +14,14 @@ from leverlm.gt.samplers import (
     build_sampler,
     select_anchors,
     split_counts,
-    topk_cosine_reference,
 )
+from leverlm.similarity import cosine_topk_reference
+
+
+def topk_cosine_reference(features: np.ndarray, anchors: list[int], k: int) -> list[list[int]]:
+    """The anchors' top-k neighbours by the plain reference, the anchor itself excluded."""
+    positions, _ = cosine_topk_reference(features[anchors], features, k, [[a] for a in anchors])
+    return positions.tolist()
 
 
 def test_select_anchors_seeded_sorted_and_distinct():
@@ -50,12 +57,10 @@ def _features(n: int = 40, d: int = 8, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float16)
 
 
-def test_similarity_matches_reference_and_is_batch_invariant(tmp_path):
+def test_similarity_matches_reference_and_is_batch_invariant():
     feats = _features()
-    path = tmp_path / "image.npy"
-    np.save(path, feats)
     # Small blocks/chunks so padding, several chunks and several query blocks are exercised.
-    s = SimilaritySampler(path, k=6, num_samples=40, chunk_rows=7, query_block=3)
+    s = SimilaritySampler(feats, k=6, chunk_rows=7, query_block=3)
     anchors = [0, 5, 9, 13, 21, 39, 38]
     got = s.sample(anchors)
     assert got == topk_cosine_reference(feats, anchors, 6)
@@ -73,12 +78,11 @@ def test_similarity_ties_go_to_lower_position():
 
 
 def test_similarity_refuses_misaligned_features(tmp_path):
-    path = tmp_path / "text.npy"
-    np.save(path, _features(12))
+    store = write_store(tmp_path / "store", _features(12), _features(12))
     with pytest.raises(SamplerError, match="12 rows"):
-        SimilaritySampler(path, k=3, num_samples=40)
+        build_sampler("text_sim", 40, 3, 0, support_features=str(store))
     with pytest.raises(SamplerError, match="does not exist"):
-        SimilaritySampler(tmp_path / "nope.npy", k=3)
+        build_sampler("text_sim", 40, 3, 0, support_features=str(tmp_path / "nope"))
 
 
 def test_split_counts():
@@ -95,16 +99,9 @@ def test_split_counts():
 
 def test_mix_deduplicates_and_tops_up(tmp_path):
     feats = _features(40)
-    np.save(tmp_path / "image.npy", feats)
-    np.save(tmp_path / "text.npy", feats)  # same features: image and text picks coincide
-    s = build_sampler(
-        "mix",
-        40,
-        12,
-        seed=1,
-        image_features=str(tmp_path / "image.npy"),
-        text_features=str(tmp_path / "text.npy"),
-    )
+    # same features: image and text picks coincide
+    store = write_store(tmp_path / "store", feats, feats)
+    s = build_sampler("mix", 40, 12, seed=1, support_features=str(store))
     assert isinstance(s, MixSampler)
     for a, c in zip([0, 7, 33], s.sample([0, 7, 33])):
         assert len(c) == 12 and len(set(c)) == 12 and a not in c
@@ -114,20 +111,30 @@ def test_mix_deduplicates_and_tops_up(tmp_path):
 
 
 def test_build_sampler_errors_name_the_setting():
-    with pytest.raises(SamplerError, match="image_features"):
+    with pytest.raises(SamplerError, match="image_sim needs support_features"):
         build_sampler("image_sim", 10, 3, 0)
     with pytest.raises(SamplerError, match="unknown sampler 'nearest'"):
         build_sampler("nearest", 10, 3, 0)
 
 
-def test_feature_store_folder_is_accepted(tmp_path):
+def test_feature_store_folder_is_read_and_checked(tmp_path):
+    from helpers.lever_world import write_vqa_collection
+
     feats = _features(40)
-    np.save(tmp_path / "image.npy", feats)
-    np.save(tmp_path / "text.npy", feats[::-1].copy())
-    by_folder = build_sampler("text_sim", 40, 5, 0, text_features=str(tmp_path))
-    by_file = build_sampler("text_sim", 40, 5, 0, text_features=str(tmp_path / "text.npy"))
-    assert by_folder.sample([3, 8]) == by_file.sample([3, 8])
+    store = write_store(tmp_path / "store", feats, feats[::-1].copy())
+    by_folder = build_sampler("text_sim", 40, 5, 0, support_features=str(store))
     assert by_folder.sample([3]) == topk_cosine_reference(feats[::-1], [3], 5)
+    assert build_sampler("image_sim", 40, 5, 0, str(store)).sample([3]) == (
+        topk_cosine_reference(feats, [3], 5)
+    )
+    with pytest.raises(SamplerError, match="not a feature store folder"):
+        build_sampler("text_sim", 40, 5, 0, support_features=str(store / "text.npy"))
+    # the store must have been built for the collection (by its manifest sha256)
+    coll = write_vqa_collection(tmp_path / "coll", 40)
+    with pytest.raises(SamplerError, match="support_features: feature store .* was built for"):
+        build_sampler("text_sim", 40, 5, 0, support_features=str(store), collection=coll)
+    built_for = write_store(tmp_path / "for-coll", feats, feats, collection=coll)
+    assert build_sampler("text_sim", 40, 5, 0, str(built_for), collection=coll).sample([3])
 
 
 def _joint_reference(image: np.ndarray, text: np.ndarray, anchor: int, k: int) -> list[int]:
@@ -146,34 +153,25 @@ def _joint_reference(image: np.ndarray, text: np.ndarray, anchor: int, k: int) -
 def test_joint_similarity_is_the_mean_of_image_and_text_cosines(tmp_path):
     rng = np.random.default_rng(5)
     image = rng.standard_normal((50, 6)).astype(np.float32) * rng.uniform(0.5, 3, (50, 1))
-    text = rng.standard_normal((50, 4)).astype(np.float32)
+    text = rng.standard_normal((50, 6)).astype(np.float32)
     text[10:20] = text[3]  # many equal texts (templated questions): the image decides
-    np.save(tmp_path / "image.npy", image)
-    np.save(tmp_path / "text.npy", text)
-    s = build_sampler(
-        "joint_sim", 50, 7, 0, image_features=str(tmp_path), text_features=str(tmp_path)
-    )
+    # the values a store holds (fp16)
+    image, text = (x.astype(np.float16).astype(np.float32) for x in (image, text))
+    store = str(write_store(tmp_path / "store", image, text))
+    s = build_sampler("joint_sim", 50, 7, 0, support_features=store)
     anchors = [3, 12, 49]
     got = s.sample(anchors)
     assert got == [_joint_reference(image, text, a, 7) for a in anchors]
     assert s.sample([12]) == got[1:2]  # batch-invariant
     # the text-only ranking differs: the image breaks the text ties
-    assert (
-        got[1] != build_sampler("text_sim", 50, 7, 0, text_features=str(tmp_path)).sample([12])[0]
-    )
+    assert got[1] != build_sampler("text_sim", 50, 7, 0, support_features=store).sample([12])[0]
     m = build_sampler(
-        "mix",
-        50,
-        8,
-        1,
-        image_features=str(tmp_path),
-        text_features=str(tmp_path),
-        mix={"random": 0.5, "joint_sim": 0.5},
+        "mix", 50, 8, 1, support_features=store, mix={"random": 0.5, "joint_sim": 0.5}
     )
     for a, c in zip(anchors, m.sample(anchors), strict=True):
         assert len(set(c)) == 8 and a not in c
         assert set(_joint_reference(image, text, a, 4)) <= set(c)
-    with pytest.raises(SamplerError, match="joint_sim.*text_features"):
-        build_sampler("joint_sim", 50, 7, 0, image_features=str(tmp_path))
+    with pytest.raises(SamplerError, match="joint_sim needs support_features"):
+        build_sampler("joint_sim", 50, 7, 0)
     with pytest.raises(SamplerError, match="joint_sim"):
-        build_sampler("mix", 50, 8, 1, image_features=str(tmp_path), mix={"joint_sim": 1.0})
+        build_sampler("mix", 50, 8, 1, mix={"joint_sim": 1.0})

@@ -5,11 +5,12 @@ a Lever-LM checkpoint and an eval config (the tiny IDEFICS is built by the tests
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from helpers.features import write_store
 
 NUM_SUPPORT = 30
 NUM_QUERIES = 16
@@ -54,28 +55,11 @@ def vqa_collection(path: Path, n: int, split: str, offset: int = 0) -> Path:
 def feature_store(path: Path, collection: Path, seed: int) -> Path:
     """A complete feature store of random (but fixed) features for ``collection``."""
     from leverlm.data.collection import read_manifest
-    from leverlm.utils import sha256_file
 
     n = int(read_manifest(collection)["num_samples"])
     rng = np.random.default_rng(seed)
-    path.mkdir(parents=True)
-    np.save(path / "image.npy", rng.standard_normal((n, DIM)).astype(np.float16))
-    np.save(path / "text.npy", rng.standard_normal((n, DIM)).astype(np.float16))
-    manifest = {
-        "format": "leverlm-features",
-        "version": 1,
-        "model_name": "test-random",
-        "dim": DIM,
-        "dtype": "float16",
-        "normalize": False,
-        "collection_name": read_manifest(collection)["name"],
-        "collection_path": str(collection),
-        "collection_manifest_sha256": sha256_file(collection / "manifest.json"),
-        "num_rows": n,
-        "complete": True,
-    }
-    (path / "manifest.json").write_text(json.dumps(manifest))
-    return path
+    image, text = (rng.standard_normal((n, DIM)) for _ in range(2))
+    return write_store(path, image, text, collection)
 
 
 def gt_dataset(path: Path, num_support: int) -> tuple[Path, list[int]]:
@@ -118,7 +102,7 @@ def lever_checkpoint(path: Path, support_store: Path, **info: Any) -> Path:
     ckpt = {
         "leverlm_config": config.to_dict(),
         "leverlm_info": {
-            "feature_store": str(support_store),
+            "support_features": str(support_store),
             "supporting_set": None,
             "task": "vqa",
             "clip_trainable": False,

@@ -9,27 +9,8 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 
-from leverlm.utils import atomic_write_json
-
-
-def write_store(path: Path, image: np.ndarray, text: np.ndarray) -> Path:
-    """A feature store folder in the ``leverlm-features`` layout (fp16 .npy + manifest)."""
-    path.mkdir(parents=True, exist_ok=True)
-    np.save(path / "image.npy", image.astype(np.float16))
-    np.save(path / "text.npy", text.astype(np.float16))
-    atomic_write_json(
-        path / "manifest.json",
-        {
-            "format": "leverlm-features",
-            "version": 1,
-            "num_rows": int(image.shape[0]),
-            "dim": int(image.shape[1]),
-            "complete": True,
-            "model_name": "test-random",
-            "normalize": False,
-        },
-    )
-    return path
+from helpers.features import NO_COLLECTION_SHA256, write_store
+from leverlm.utils import atomic_write_json, sha256_file
 
 
 def write_gt(
@@ -40,6 +21,7 @@ def write_gt(
     scores: dict[int, list[float]] | None = None,
     supporting_set: str = "",
     task: str = "vqa",
+    supporting_set_sha256: str = NO_COLLECTION_SHA256,
 ) -> Path:
     """A gt folder (manifest.json + records.jsonl) for {anchor: [beam, ...]}."""
     path.mkdir(parents=True, exist_ok=True)
@@ -71,7 +53,7 @@ def write_gt(
             "path": supporting_set,
             "name": "tiny",
             "num_samples": num_icds,
-            "manifest_sha256": "0" * 64,
+            "manifest_sha256": supporting_set_sha256,
         },
         "lvlm": {"model_type": "none", "path": "", "dtype": "float32"},
         "config": {},
@@ -151,9 +133,13 @@ def make_world(
     for a in anchors:
         pool = np.array([p for p in range(num_icds) if p != a])
         sequences[a] = [rng.choice(pool, size=shots, replace=False).tolist() for _ in range(beams)]
-    store = write_store(root / "features", image, text)
-    coll = str(write_vqa_collection(root / "support", num_icds)) if with_collection else ""
-    gt = write_gt(root / "gt", sequences, num_icds, order=order, supporting_set=coll)
+    coll = write_vqa_collection(root / "support", num_icds) if with_collection else None
+    store = write_store(root / "features", image, text, coll)
+    sha = sha256_file(Path(coll) / "manifest.json") if coll else NO_COLLECTION_SHA256
+    gt = write_gt(
+        root / "gt", sequences, num_icds, order=order, supporting_set=str(coll or ""),
+        supporting_set_sha256=sha,
+    )  # fmt: skip
     return World(gt, store, image, text, sequences, num_icds, Path(coll) if coll else None)
 
 

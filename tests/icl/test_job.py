@@ -127,8 +127,9 @@ def test_predictions_cover_every_query_method_and_shot_count(world):
 def test_each_method_gets_its_retrievers_icds(world):
     """ICDs in the results equal the retrievers run directly (independent reference paths)."""
     from leverlm.encoders import FeatureStore
-    from leverlm.icl.retrievers import RandomRetriever, cosine_topk_reference
-    from leverlm.lever.generate import LeverLM
+    from leverlm.icl.retrievers import RandomRetriever
+    from leverlm.lever.select import LeverLM
+    from leverlm.similarity import cosine_topk_reference
 
     preds = _predictions(world.ref)
     by = {(p["method"], p["shots"], p["query_key"]): p["icd_positions"] for p in preds}
@@ -141,7 +142,7 @@ def test_each_method_gets_its_retrievers_icds(world):
         "sttr": cosine_topk_reference(q.text[pos], s.text, 3)[0],
         "sitr": cosine_topk_reference(q.image[pos], s.text, 3)[0],
     }
-    lever = LeverLM.from_checkpoint(world.ckpt, features=world.support_store)
+    lever = LeverLM.from_checkpoint(world.ckpt, support_features=world.support_store)
     for shots in SHOTS:
         rand = RandomRetriever(NUM_SUPPORT, seed=0).retrieve(qs, shots)
         lm = lever.select(pos, shots, query_features=world.query_store)
@@ -160,7 +161,7 @@ def test_each_method_gets_its_retrievers_icds(world):
 
 
 def test_manifest_and_report_values_recomputed_from_predictions(world):
-    from leverlm.icl.metrics import vqa_accuracy_reference
+    from leverlm.metrics import vqa_accuracy_reference
 
     manifest = json.loads((world.ref / "manifest.json").read_text())
     assert manifest["format"] == "leverlm-eval"
@@ -198,7 +199,7 @@ def test_report_of_a_model_with_varied_scores(world, tmp_path):
     )
     out = tmp_path / "echo"
     assert _run(cfg, out, "--trained_shots", "3", "--interpolation_max_shots", "2") == 0
-    from leverlm.icl.metrics import vqa_accuracy_reference
+    from leverlm.metrics import vqa_accuracy_reference
 
     preds = _predictions(out)
     report = json.loads((out / "report.json").read_text())

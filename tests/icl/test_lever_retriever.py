@@ -38,7 +38,6 @@ from leverlm.icl.retrievers import (
     RETRIEVERS,
     RetrieverError,
     ShuffledRetriever,
-    SIIRRetriever,
     available_retrievers,
     build_retriever,
 )
@@ -64,9 +63,9 @@ def _queries(n: int = NUM_Q, **extra) -> list[dict]:
 
 
 def _lever(world):
-    from leverlm.lever.generate import LeverLM
+    from leverlm.lever.select import LeverLM
 
-    return LeverLM.from_checkpoint(world.ckpt, features=world.s_store)
+    return LeverLM.from_checkpoint(world.ckpt, support_features=world.s_store)
 
 
 # ------------------------------------------------------------------------------- lever_lm
@@ -80,7 +79,7 @@ def test_registered_names() -> None:
 def test_greedy_prefix_cache_equals_direct_select_per_shot_count(world) -> None:
     """prepare() decodes once at the most shots; every fewer-shot answer must equal decoding
     that many shots directly (the prefix property the cache relies on)."""
-    r = LeverLMRetriever(world.ckpt, query_feature_store=world.q_store, num_candidates=NUM_SUPPORT)
+    r = LeverLMRetriever(world.ckpt, query_features=world.q_store, num_candidates=NUM_SUPPORT)
     qs = _queries()
     r.prepare(qs, 6)
     calls = []
@@ -100,7 +99,7 @@ def test_greedy_prefix_cache_equals_direct_select_per_shot_count(world) -> None:
 
 def test_beam_search_decodes_each_shot_count(world) -> None:
     r = LeverLMRetriever(
-        world.ckpt, query_feature_store=world.q_store, beam_size=3, num_candidates=NUM_SUPPORT
+        world.ckpt, query_features=world.q_store, beam_size=3, num_candidates=NUM_SUPPORT
     )
     qs = _queries(5)
     r.prepare(qs, 4)
@@ -111,7 +110,7 @@ def test_beam_search_decodes_each_shot_count(world) -> None:
 
 
 def test_exclusions_are_honoured_per_query(world) -> None:
-    r = LeverLMRetriever(world.ckpt, query_feature_store=world.q_store)
+    r = LeverLMRetriever(world.ckpt, query_features=world.q_store)
     free = r.retrieve(_queries(4), 3)
     banned = [{**q, "exclude_positions": free[i][:2]} for i, q in enumerate(_queries(4))]
     got = r.retrieve(banned, 3)
@@ -126,8 +125,8 @@ def test_fine_tuned_clip_checkpoint_encodes_the_queries_it_is_asked_for(world, t
     checkpoint's CLIP; the answers equal encoding the queries directly and selecting."""
     import torch
 
-    from leverlm.lever.generate import LeverLM, encode_collection
     from leverlm.lever.module import LeverLMModule
+    from leverlm.lever.select import LeverLM, encode_collection
 
     module = LeverLMModule(
         num_icds=NUM_SUPPORT,
@@ -147,7 +146,7 @@ def test_fine_tuned_clip_checkpoint_encodes_the_queries_it_is_asked_for(world, t
     torch.save(ckpt, tmp_path / "clip.ckpt")
     r = LeverLMRetriever(str(tmp_path / "clip.ckpt"), queries=str(world.queries))
     encoded = []
-    import leverlm.lever.generate as gen
+    import leverlm.lever.select as gen
 
     real = gen.encode_collection
     gen.encode_collection = lambda *a, **k: encoded.append(k["positions"]) or real(*a, **k)
@@ -172,14 +171,14 @@ def test_lever_lm_errors_name_the_problem(world, tmp_path) -> None:
     with pytest.raises(RetrieverError, match=f"vocabulary has {NUM_SUPPORT} ICDs .* 29 samples"):
         LeverLMRetriever(world.ckpt, num_candidates=29)
     r = LeverLMRetriever(world.ckpt)
-    with pytest.raises(RetrieverError, match="query_feature_store"):
+    with pytest.raises(RetrieverError, match="query_features"):
         r.retrieve(_queries(2), 2)
     with pytest.raises(RetrieverError, match="shots=31 is more than the 30"):
-        LeverLMRetriever(world.ckpt, query_feature_store=world.q_store).retrieve(_queries(1), 31)
+        LeverLMRetriever(world.ckpt, query_features=world.q_store).retrieve(_queries(1), 31)
 
 
 def test_shuffled_has_the_same_icds_in_a_seeded_order(world) -> None:
-    inner = LeverLMRetriever(world.ckpt, query_feature_store=world.q_store)
+    inner = LeverLMRetriever(world.ckpt, query_features=world.q_store)
     shuffled = lever_lm_shuffled(inner=inner, seed=3)
     assert isinstance(shuffled, ShuffledRetriever) and shuffled.name == "lever_lm_shuffled"
     qs = _queries()
@@ -188,7 +187,7 @@ def test_shuffled_has_the_same_icds_in_a_seeded_order(world) -> None:
     assert base != mixed  # 12 queries x 4 ICDs: some order differs
     # built from scratch with the same settings: the same orders (seeded per query key)
     again = build_retriever(
-        "lever_lm_shuffled", checkpoint=str(world.ckpt), query_feature_store=world.q_store, seed=3
+        "lever_lm_shuffled", checkpoint=str(world.ckpt), query_features=world.q_store, seed=3
     )
     assert again.retrieve(list(reversed(qs)), 4) == list(reversed(mixed))
 
@@ -307,11 +306,11 @@ def test_settings_of_methods_not_run_are_ignored_with_a_warning(caplog) -> None:
 
 
 def test_accepted_args_follow_kwargs_to_the_base_class() -> None:
-    names, open_ = accepted_args(SIIRRetriever)
+    names, open_ = accepted_args(RETRIEVERS["siir"])
     assert {"support_image", "query_image", "most_similar", "device", "chunk_size"} <= names
     assert not open_
     names, _ = accepted_args(RETRIEVERS["lever_lm_shuffled"])
-    assert {"checkpoint", "seed", "inner", "query_feature_store"} <= names
+    assert {"checkpoint", "seed", "inner", "query_features"} <= names
 
 
 def test_build_retrievers_fills_context_and_shares_lever_decoding(world) -> None:
@@ -324,7 +323,7 @@ def test_build_retrievers_fills_context_and_shares_lever_decoding(world) -> None
         "query_image": rng.standard_normal((NUM_Q, 4)).astype(np.float32),
         "support_text": None,
         "query_text": None,
-        "query_feature_store": str(world.q_store),
+        "query_features": str(world.q_store),
     }
     specs = resolve_methods(
         ["random", "siir", "lever_lm", "lever_lm_shuffled"],

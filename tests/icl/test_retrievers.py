@@ -19,8 +19,6 @@ from leverlm.icl.retrievers import (
     SimilarityRetriever,
     available_retrievers,
     build_retriever,
-    cosine_topk,
-    cosine_topk_reference,
     register_retriever,
     stable_seed,
 )
@@ -53,62 +51,6 @@ def brute_force_ranking(query: np.ndarray, support: np.ndarray) -> np.ndarray:
     return np.argsort(-sims, axis=1, kind="stable")
 
 
-# ------------------------------------------------------------------------- cosine top-k
-
-
-@pytest.mark.parametrize("chunk_size", [1, 7, 64, N, 10 * N])
-def test_cosine_topk_chunked_equals_brute_force(feats, chunk_size: int) -> None:
-    rng = np.random.default_rng(1)
-    exclude = [sorted(rng.choice(N, size=int(rng.integers(0, 5)), replace=False)) for _ in range(Q)]
-    k = 12
-    pos, scores = cosine_topk(
-        feats["query_image"], feats["support_image"], k, exclude, chunk_size=chunk_size
-    )
-    ref_pos, ref_scores = cosine_topk_reference(
-        feats["query_image"], feats["support_image"], k, exclude
-    )
-    np.testing.assert_array_equal(pos, ref_pos)
-    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
-    ranking = brute_force_ranking(feats["query_image"], feats["support_image"])
-    for row in range(Q):
-        expected = [p for p in ranking[row] if p not in set(exclude[row])][:k]
-        assert pos[row].tolist() == expected
-    assert (np.diff(scores, axis=1) <= 0).all()  # most similar first
-
-
-def test_cosine_topk_whole_set_and_zero(feats) -> None:
-    pos, _ = cosine_topk(feats["query_image"][:3], feats["support_image"], N, chunk_size=50)
-    assert all(sorted(row) == list(range(N)) for row in pos.tolist())
-    pos0, _ = cosine_topk(feats["query_image"], feats["support_image"], 0)
-    assert pos0.shape == (Q, 0)
-
-
-@pytest.mark.parametrize("chunk_size", [1, 3, 8, 1000])
-def test_cosine_topk_ties_go_to_lowest_position(chunk_size: int) -> None:
-    # Entries of +-0.5 in 4 dims: unit vectors whose cosines are exact in float32, so the many
-    # duplicated rows tie exactly whatever the summation order.
-    rng = np.random.default_rng(2)
-    patterns = rng.choice([-0.5, 0.5], size=(5, 4)).astype(np.float32)
-    support = patterns[rng.integers(0, 5, size=60)]
-    query = patterns[rng.integers(0, 5, size=10)]
-    k = 20
-    pos, scores = cosine_topk(query, support, k, chunk_size=chunk_size)
-    ref_pos, _ = cosine_topk_reference(query, support, k)
-    np.testing.assert_array_equal(pos, ref_pos)
-    for row in range(len(query)):
-        for a, b, sa, sb in zip(pos[row], pos[row][1:], scores[row], scores[row][1:]):
-            assert sa > sb or (sa == sb and a < b)
-
-
-def test_cosine_topk_rejects_bad_features(feats) -> None:
-    bad = feats["support_image"].astype(np.float32).copy()
-    bad[123, 2] = np.nan
-    with pytest.raises(RetrieverError, match="row 123"):
-        cosine_topk(feats["query_image"], bad, 3, chunk_size=50)
-    with pytest.raises(RetrieverError, match=r"\(40, 16\).*\(300, 8\)"):
-        cosine_topk(feats["query_image"], feats["support_image"][:, :8], 3)
-
-
 # ------------------------------------------------------------------ similarity retrievers
 
 
@@ -136,6 +78,35 @@ def test_sitr_and_sttr_use_the_right_features(feats) -> None:
     caption_sttr = build_retriever("sttr", **{**feats, "query_text": None}, most_similar="first")
     assert caption_sttr.fallback
     assert caption_sttr.retrieve(queries(), 5) == sitr
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_joint_sim_is_the_mean_of_image_and_text_cosines(feats) -> None:
+    def brute_force(query_text: str, shots: int) -> list[list[int]]:
+        out = []
+        for row in range(Q):
+            score = [
+                (
+                    _cosine(feats["query_image"][row], feats["support_image"][p])
+                    + _cosine(feats[query_text][row], feats["support_text"][p])
+                )
+                / 2
+                for p in range(N)
+            ]
+            out.append(sorted(range(N), key=lambda p: (-score[p], p))[:shots])
+        return out
+
+    joint = build_retriever("joint_sim", **feats, most_similar="first")
+    assert "joint_sim" in available_retrievers() and not joint.fallback
+    assert joint.retrieve(queries(), 6) == brute_force("query_text", 6)
+    # captioning queries have no text: the query side is the image alone
+    caption = build_retriever("joint_sim", **{**feats, "query_text": None}, most_similar="first")
+    assert caption.fallback
+    assert caption.retrieve(queries(), 6) == brute_force("query_image", 6)
 
 
 def test_similarity_batch_independent_and_cached_prefix(feats) -> None:

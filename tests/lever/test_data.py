@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.lever_world import make_world, write_gt, write_store
+from helpers.lever_world import make_world, write_gt, write_store, write_vqa_collection
 
 
 def test_split_is_seeded_disjoint_and_order_independent():
@@ -25,7 +25,9 @@ def test_datamodule_batches_features_and_all_beams(tmp_path):
     from leverlm.lever.model import IGNORE_INDEX
 
     w = make_world(tmp_path, num_anchors=10, beams=3)
-    dm = LeverLMDataModule(str(w.gt_dir), features=str(w.store_dir), batch_size=4, val_fraction=0.2)
+    dm = LeverLMDataModule(
+        str(w.gt_dir), support_features=str(w.store_dir), batch_size=4, val_fraction=0.2
+    )
     assert dm.num_icds == 32 and dm.feature_dim == 16
     dm.setup("fit")
     assert len(dm.train_dataset) + len(dm.val_dataset) == 30  # every beam of every anchor
@@ -82,10 +84,12 @@ def test_bad_gt_inputs_fail_early_naming_the_problem(tmp_path):
     with pytest.raises(GtDataError, match=r"\[12\].*num_samples"):
         LeverLMDataModule(str(tmp_path / "gt"))
     w = make_world(tmp_path / "w", num_icds=20)
-    other = write_store(tmp_path / "other", w.image[:5], w.text[:5])
-    with pytest.raises(ValueError, match="5 rows"):
-        LeverLMDataModule(str(w.gt_dir), features=str(other))
-    with pytest.raises(ValueError, match="data.features is required"):
+    # a store of another collection, told apart by the collection's manifest sha256
+    coll = write_vqa_collection(tmp_path / "other-coll", 5)
+    other = write_store(tmp_path / "other", w.image[:5], w.text[:5], coll)
+    with pytest.raises(ValueError, match="support_features: feature store .* was built for"):
+        LeverLMDataModule(str(w.gt_dir), support_features=str(other))
+    with pytest.raises(ValueError, match="data.support_features is required"):
         LeverLMDataModule(str(w.gt_dir), query_features=["image"])
     with pytest.raises(ValueError, match="sequence_order"):
-        LeverLMDataModule(str(w.gt_dir), features=str(w.store_dir), sequence_order="random")
+        LeverLMDataModule(str(w.gt_dir), support_features=str(w.store_dir), sequence_order="random")

@@ -136,10 +136,12 @@ def test_paper_size_parameter_count():
 @pytest.mark.parametrize("backbone", ["gpt2", "lstm"])
 def test_overfits_a_small_gt_set_and_reproduces_it(tmp_path, backbone):
     from leverlm.lever.data import LeverLMDataModule
-    from leverlm.lever.generate import FeatureBank, greedy_decode, reference_decode
+    from leverlm.lever.decode import FeatureBank, greedy_decode, reference_decode
 
     w = make_world(tmp_path, num_icds=24, dim=8, num_anchors=8, shots=3, beams=1)
-    dm = LeverLMDataModule(str(w.gt_dir), features=str(w.store_dir), batch_size=8, val_fraction=0.0)
+    dm = LeverLMDataModule(
+        str(w.gt_dir), support_features=str(w.store_dir), batch_size=8, val_fraction=0.0
+    )
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     assert batch["tokens"].shape[0] == 8

@@ -13,7 +13,9 @@ import yaml
 from helpers import ROOT
 from helpers.lever_world import World, make_world, write_store
 
+from leverlm.encoders.store import FeatureStoreError
 from leverlm.lever.module import main as train_main
+from leverlm.utils import sha256_file
 
 EXPERIMENTS = sorted(ROOT.glob("experiments/*/lever_*.yaml"))
 PAPER = (
@@ -90,7 +92,7 @@ def test_experiment_config_parses_and_runs_a_fast_dev_run(
     if cfg["model"]["clip_trainable"]:
         run += ["--model.clip_model", "leverlm-tiny-clip", "--model.clip_pretrained", "null"]
     else:
-        run += ["--data.features", str(world.store_dir)]
+        run += ["--data.support_features", str(world.store_dir)]
     assert train_main(run) == 0
 
 
@@ -100,7 +102,7 @@ def trained(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("fit")
     demo = ROOT / "experiments/easyvqa/lever_demo.yaml"
     args = [
-        "--config", str(demo), "--data.gt_dir", str(world.gt_dir), "--data.features",
+        "--config", str(demo), "--data.gt_dir", str(world.gt_dir), "--data.support_features",
         str(world.store_dir), "--trainer.max_epochs", "3", "--data.batch_size", "8",
         "--out", str(out), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
         "--trainer.logger.save_dir", str(out),
@@ -127,18 +129,22 @@ def test_fit_writes_best_and_last_checkpoints_and_the_config(trained, world):
     )
     hp = ckpt["hyper_parameters"]
     assert hp["num_icds"] == world.num_icds and hp["feature_dim"] == 16
-    assert hp["feature_store"] == str(Path(world.store_dir).resolve())
+    assert hp["support_features"] == str(Path(world.store_dir).resolve())
     assert hp["supporting_set"] == str(world.collection.resolve())
     assert ckpt["leverlm_config"]["n_embd"] == 32
+    # the supporting set the vocabulary indexes, so a store given at decoding is checked
+    sha = sha256_file(world.collection / "manifest.json")
+    assert ckpt["leverlm_info"]["supporting_set_sha256"] == sha
     # validate from the checkpoint through the same CLI
     assert (
         train_main(["validate", *args, "--ckpt_path", str(out.rglob("last.ckpt").__next__())]) == 0
     )
 
 
-def test_checkpoint_reload_gives_identical_selections(trained, world):
-    from leverlm.lever.generate import FeatureBank, LeverLM, greedy_decode
+def test_checkpoint_reload_gives_identical_selections(trained, world, tmp_path):
+    from leverlm.lever.decode import FeatureBank, greedy_decode
     from leverlm.lever.module import LeverLMModule
+    from leverlm.lever.select import LeverLM
 
     _, ckpts, _ = trained
     last = next(p for p in ckpts if p.name == "last.ckpt")
@@ -146,7 +152,7 @@ def test_checkpoint_reload_gives_identical_selections(trained, world):
     queries = list(range(world.num_icds))
     exclude = [[p] for p in queries]
     first = lm.select(queries, shots=4, exclude=exclude)
-    again = LeverLM.from_checkpoint(last, features=str(world.store_dir)).select(
+    again = LeverLM.from_checkpoint(last, support_features=str(world.store_dir)).select(
         queries, shots=4, batch_size=5, exclude=exclude
     )
     assert first == again
@@ -166,13 +172,17 @@ def test_checkpoint_reload_gives_identical_selections(trained, world):
     assert as_feats == first
     with pytest.raises(ValueError, match="rows"):
         bad = {m: getattr(world, m)[:5] for m in ("image", "text")}
-        LeverLM.from_checkpoint(last, features=bad)
+        LeverLM.from_checkpoint(last, support_features=bad)
+    # a store of another collection, even of the same size, is refused
+    other = write_store(tmp_path / "other", world.image, world.text)
+    with pytest.raises(ValueError, match="support_features: feature store .* was built for"):
+        LeverLM.from_checkpoint(last, support_features=str(other))
 
 
 def test_select_cli_writes_keys_and_positions_atomically(trained, world, tmp_path):
     from leverlm.data.collection import Collection
-    from leverlm.lever.generate import LeverLM
-    from leverlm.lever.generate import main as select_main
+    from leverlm.lever.select import LeverLM
+    from leverlm.lever.select import main as select_main
 
     _, ckpts, _ = trained
     last = str(next(p for p in ckpts if p.name == "last.ckpt"))
@@ -182,10 +192,10 @@ def test_select_cli_writes_keys_and_positions_atomically(trained, world, tmp_pat
         last,
         "--queries",
         str(world.collection),
-        "--query-features",
+        "--query_features",
         str(world.store_dir),
     ]
-    assert select_main([*args, "--shots", "3", "--out", str(out), "--exclude-self"]) == 0
+    assert select_main([*args, "--shots", "3", "--out", str(out), "--exclude_self"]) == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     keys = Collection(world.collection).keys
     assert [x["query_key"] for x in lines] == keys
@@ -198,8 +208,9 @@ def test_select_cli_writes_keys_and_positions_atomically(trained, world, tmp_pat
     before = out.read_bytes()
     with pytest.raises(SystemExit, match="--shots"):
         select_main([*args, "--shots", "0", "--out", str(out)])
+    # a store of another collection, told apart by the collection's manifest sha256
     short = write_store(tmp_path / "short", world.image[:5], world.text[:5])
-    with pytest.raises(SystemExit, match="5 rows"):
+    with pytest.raises(FeatureStoreError, match="--query_features: feature store .* was built for"):
         select_main([*args[:-1], str(short), "--shots", "2", "--out", str(out)])
     with pytest.raises(SystemExit, match="does not exist"):
         select_main(["--ckpt", last + ".missing", *args[2:], "--shots", "2", "--out", str(out)])
@@ -221,11 +232,11 @@ def test_validation_table_for_wandb(world, tmp_path, monkeypatch):
         lambda self, key, columns, data: logged.append((key, columns, data)),
     )
     dm = LeverLMDataModule(
-        str(world.gt_dir), features=str(world.store_dir), batch_size=8, val_fraction=0.25
+        str(world.gt_dir), support_features=str(world.store_dir), batch_size=8, val_fraction=0.25
     )
     module = LeverLMModule(
         num_icds=world.num_icds, feature_dim=16, n_embd=32, n_head=2, table_rows=2,
-        feature_store=dm.feature_store_path, supporting_set=dm.supporting_set_path,
+        support_features=dm.support_features_path, supporting_set=dm.supporting_set_path,
     )  # fmt: skip
     trainer = L.Trainer(
         max_epochs=1, logger=WandbLogger(save_dir=str(tmp_path), offline=True),
@@ -248,8 +259,8 @@ def test_validation_table_for_wandb(world, tmp_path, monkeypatch):
 
 def test_trainable_clip_updates_clip_and_selects_with_it(world, tmp_path, monkeypatch):
     from leverlm.encoders import load_clip
-    from leverlm.lever.generate import LeverLM
-    from leverlm.lever.generate import main as select_main
+    from leverlm.lever.select import LeverLM
+    from leverlm.lever.select import main as select_main
 
     monkeypatch.chdir(tmp_path)
     args = [
@@ -289,7 +300,7 @@ def test_trainable_clip_updates_clip_and_selects_with_it(world, tmp_path, monkey
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == world.num_icds and all(len(set(x["icd_positions"])) == 3 for x in lines)
     # the CLI encoded the queries with the same CLIP the API uses
-    from leverlm.lever.generate import encode_collection
+    from leverlm.lever.select import encode_collection
 
     feats = encode_collection(
         lm.clip, "leverlm-tiny-clip", world.collection, "vqa", ("image", "text")
@@ -312,7 +323,7 @@ def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_weights(world
 
     demo = ROOT / "experiments/easyvqa/lever_demo.yaml"
     args = [
-        "--config", str(demo), "--data.gt_dir", str(world.gt_dir), "--data.features",
+        "--config", str(demo), "--data.gt_dir", str(world.gt_dir), "--data.support_features",
         str(world.store_dir), "--trainer.max_epochs", "4", "--data.batch_size", "4",
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
         "--model.n_embd", "32", "--model.n_head", "2", "--model.dropout", "0.2",

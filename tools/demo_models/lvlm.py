@@ -572,11 +572,11 @@ def evaluate_lvlm(
 
     A seeded sample of ``num_queries`` queries; demonstrations from ``support``: none, random,
     or ("oracle") one with the query's answer + random ones, at a random slot. Predictions are
-    scored by :func:`leverlm.icl.metrics.vqa_accuracy_batch` against the query's references as
+    scored by :func:`leverlm.metrics.vqa_accuracy_batch` against the query's references as
     the task shows them (``task.episode``: the nonce words of the query's own map).
     """
-    from leverlm.icl.metrics import vqa_accuracy_batch
     from leverlm.lvlm import load_lvlm
+    from leverlm.metrics import vqa_accuracy_batch
 
     conditions = conditions or EVAL_CONDITIONS
     task = get_task(TASK)

@@ -1,7 +1,9 @@
 """open_clip encoders and the feature store (``leverlm features``).
 
 - ``load_clip(model_name, pretrained=None, device, precision, normalize) -> ClipEncoder``
-- ``FeatureStore(path)``: memory-mapped fp16 ``image`` / ``text`` arrays, row i = position i
+- ``open_store(path, collection)``: the one reader of a feature store (a ``FeatureStore``:
+  memory-mapped fp16 ``image`` / ``text`` arrays, row i = position i), checked against the
+  collection it was built for
 - ``main(argv)``: ``leverlm features predict|merge``, the job that writes a store
 
 Only the store (numpy) is imported eagerly; torch / open_clip / lightning load on first use.
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from leverlm.encoders.store import FeatureStore, FeatureStoreError
+from leverlm.encoders.store import FeatureStore, FeatureStoreError, open_store
 
 if TYPE_CHECKING:
     from leverlm.encoders.clip import TINY_CLIP, ClipEncoder, EncoderError, load_clip
@@ -25,6 +27,7 @@ __all__ = [
     "FeatureStoreError",
     "load_clip",
     "main",
+    "open_store",
 ]
 
 _LAZY = {

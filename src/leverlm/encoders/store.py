@@ -56,20 +56,8 @@ class FeatureStoreError(LeverError):
 
 
 def collection_manifest_path(collection: Any) -> Path:
-    """``manifest.json`` of a collection given as a path or a ``Collection``-like object."""
-    if isinstance(collection, str | os.PathLike):
-        root = Path(collection)
-    else:
-        root = None
-        for attr in ("path", "root", "dir"):
-            value = getattr(collection, attr, None)
-            if isinstance(value, str | os.PathLike):
-                root = Path(value)
-                break
-        if root is None:
-            raise FeatureStoreError(
-                f"cannot find the folder of collection {collection!r}: pass its path"
-            )
+    """``manifest.json`` of a collection given as a path or a ``Collection`` (its ``path``)."""
+    root = Path(getattr(collection, "path", collection))
     return root if root.name == MANIFEST else root / MANIFEST
 
 
@@ -169,33 +157,60 @@ class FeatureStore:
             f"dim={self.dim}, collection={m.get('collection_name')!r})"
         )
 
-    def check_matches(self, collection: Any) -> None:
+    def check_matches(self, collection: Any, sha256: str | None = None) -> None:
         """Raise ``FeatureStoreError`` unless this store is complete and built for ``collection``.
 
-        ``collection`` is a collection folder or a ``Collection``; the comparison is by the
-        sha256 of its ``manifest.json`` (and its length when it has one).
+        ``collection`` is a collection folder or a ``Collection``, identified by the sha256 of
+        its ``manifest.json``; ``sha256``, when given, is that hash (e.g. as a gt manifest
+        records it) and ``collection`` (which may then be None) only names it.
         """
         if not self.complete:
             raise FeatureStoreError(f"feature store {self.path} is incomplete; rerun it")
-        manifest_path = collection_manifest_path(collection)
-        try:
-            sha = sha256_file(manifest_path)
-        except OSError as err:
-            raise FeatureStoreError(
-                f"cannot read collection manifest {manifest_path}: {err}"
-            ) from err
+        folder = None if collection is None else collection_manifest_path(collection).parent
+        if sha256 is None:
+            try:
+                sha256 = sha256_file(folder / MANIFEST)
+            except OSError as err:
+                raise FeatureStoreError(
+                    f"cannot read collection manifest {folder / MANIFEST}: {err}"
+                ) from err
         want = self.manifest.get("collection_manifest_sha256")
-        if sha != want:
+        if sha256 != want:
             raise FeatureStoreError(
                 f"feature store {self.path} was built for collection "
                 f"{self.manifest.get('collection_name')!r} (manifest sha256 {str(want)[:12]}...), "
-                f"not for {manifest_path.parent} (sha256 {sha[:12]}...); rebuild it with "
-                f"`leverlm features predict --data.collection {manifest_path.parent} --out "
+                f"not for {folder or 'this one'} (sha256 {sha256[:12]}...); rebuild it with "
+                f"`leverlm features predict --data.collection {folder or 'COLLECTION'} --out "
                 f"{self.path} --overwrite`"
             )
-        sized = not isinstance(collection, str | os.PathLike) and hasattr(collection, "__len__")
-        if sized and len(collection) != len(self):
-            raise FeatureStoreError(
-                f"feature store {self.path} has {len(self)} rows but collection "
-                f"{manifest_path.parent} has {len(collection)} samples"
-            )
+
+
+def open_store(
+    store: Any, collection: Any = None, *, sha256: str | None = None, what: str = "features"
+) -> Any:
+    """The one way a feature store is opened for reading.
+
+    Args:
+        store: a store folder, or an already open store (anything with ``image`` / ``text``
+            arrays), which is returned as is.
+        collection: the collection the store must have been built for (folder or
+            ``Collection``), checked by its manifest's sha256; None: not checked.
+        sha256: that collection manifest's sha256, when it is known without reading the folder
+            (as a gt manifest or a checkpoint records it); also checked.
+        what: the parameter that named the store, for error messages.
+    """
+    if not isinstance(store, str | os.PathLike):
+        return store
+    path = Path(store)
+    if not path.is_dir():
+        problem = "is not a feature store folder" if path.exists() else "does not exist"
+        raise FeatureStoreError(
+            f"{what}: {path} {problem} (a folder written by `leverlm features predict`)"
+        )
+    try:
+        opened = FeatureStore(path)
+        if collection is not None or sha256:
+            opened.check_matches(collection, sha256)
+    except FeatureStoreError as err:
+        raise FeatureStoreError(f"{what}: {err}") from err
+    return opened

@@ -195,8 +195,8 @@ TokenizeFn = Callable[[dict[str, list[str]]], dict[str, list[str]]]
 
 
 def default_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Captions tokenised for CIDEr (``leverlm.icl.metrics.tokenize_captions``, PTB if Java)."""
-    from leverlm.icl.metrics import tokenize_captions
+    """Captions tokenised for CIDEr (``leverlm.metrics.tokenize_captions``, PTB if Java)."""
+    from leverlm.metrics import tokenize_captions
 
     return tokenize_captions(captions)[0]
 
@@ -205,7 +205,7 @@ def default_cider_fn(
     predictions: dict[str, str], references: dict[str, list[str]]
 ) -> dict[str, float]:
     """Per-sample CIDEr-D (x100) of already tokenised captions (``cider_from_tokens``)."""
-    from leverlm.icl.metrics import cider_from_tokens
+    from leverlm.metrics import cider_from_tokens
 
     return {k: float(v) for k, v in cider_from_tokens(predictions, references)[1].items()}
 

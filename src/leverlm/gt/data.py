@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from leverlm.errors import LeverError
-from leverlm.utils import atomic_open, atomic_write_json
+from leverlm.utils import atomic_open, atomic_write_json, read_jsonl
 
 FORMAT = "leverlm-gt"
 VERSION = 1
@@ -160,15 +160,7 @@ def read_gt(path: str | os.PathLike) -> tuple[dict[str, Any], list[GtRecord]]:
         raise GtDataError(f"{mpath}: field 'format' must be {FORMAT!r}")
     if manifest.get("version") != VERSION:
         raise GtDataError(f"{mpath}: unsupported version {manifest.get('version')!r}")
-    records = []
-    with open(rpath, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise GtDataError(f"{rpath}:{lineno}: invalid JSON ({err})") from err
-                records.append(GtRecord.from_json(obj, f"{rpath}:{lineno}"))
+    records = [GtRecord.from_json(obj, where) for where, obj in read_jsonl(rpath, GtDataError)]
     if len(records) != manifest.get("num_records"):
         raise GtDataError(
             f"{rpath}: {len(records)} records but manifest field num_records is "

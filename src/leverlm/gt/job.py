@@ -110,10 +110,10 @@ class GtDataModule(pl.LightningDataModule):
         collection: the train collection folder (also the supporting set).
         num_anchors: how many anchors (paper: 5000); ``null``/``-1`` for every sample.
         seed: chooses the anchors and the random candidate sets.
-        sampler: ``random`` | ``image_sim`` | ``text_sim`` | ``mix``.
+        sampler: ``random`` | ``image_sim`` | ``text_sim`` | ``joint_sim`` | ``mix``.
         num_candidates: candidate-set size K (paper: 64).
-        image_features / text_features: ``(N, D)`` ``.npy`` arrays aligned with positions
-            (a feature store's ``image.npy`` / ``text.npy``) for the similarity samplers.
+        support_features: the collection's feature store (``leverlm features``), for the
+            similarity samplers.
         mix: the ``mix`` blend, e.g. ``{random: 0.5, image_sim: 0.25, text_sim: 0.25}``.
         anchors_per_batch: anchors per predict step (and per part file).
         num_workers: DataLoader workers decoding anchor and candidate samples.
@@ -126,8 +126,7 @@ class GtDataModule(pl.LightningDataModule):
         seed: int = 0,
         sampler: str = "random",
         num_candidates: int = 64,
-        image_features: str | None = None,
-        text_features: str | None = None,
+        support_features: str | None = None,
         mix: dict[str, float] | None = None,
         anchors_per_batch: int = 4,
         num_workers: int = 2,
@@ -136,7 +135,7 @@ class GtDataModule(pl.LightningDataModule):
         self.collection = collection
         self.num_anchors, self.seed = num_anchors, seed
         self.sampler, self.num_candidates = sampler, num_candidates
-        self.image_features, self.text_features, self.mix = image_features, text_features, mix
+        self.support_features, self.mix = support_features, mix
         self.anchors_per_batch, self.num_workers = anchors_per_batch, num_workers
         self._anchors: list[int] | None = None
         self._done: set[int] = set()
@@ -148,9 +147,9 @@ class GtDataModule(pl.LightningDataModule):
             "kind": self.sampler,
             "k": self.num_candidates,
             "seed": self.seed,
-            "image_features": self.image_features,
-            "text_features": self.text_features,
+            "support_features": self.support_features,
             "mix": self.mix,
+            "collection": self.collection,
         }
 
     @property
@@ -374,9 +373,9 @@ def plan_run(data: dict[str, Any], model: dict[str, Any]) -> RunHeader:
             n,
             k,
             int(data["seed"]),
-            image_features=data.get("image_features"),
-            text_features=data.get("text_features"),
+            support_features=data.get("support_features"),
             mix=data.get("mix"),
+            collection=data["collection"],
         )
     except (BeamConfigError, SamplerError) as err:
         raise GtConfigError(str(err)) from err
@@ -409,7 +408,7 @@ def plan_run(data: dict[str, Any], model: dict[str, Any]) -> RunHeader:
     except LVLMError as err:
         raise GtConfigError(f"model.path: {err}") from err
 
-    for key in ("collection", "image_features", "text_features"):
+    for key in ("collection", "support_features"):
         data[key] = _abspath(data.get(key))
     # Only what determines the records: no worker counts, no batching of anchors.
     result_data = {k: v for k, v in data.items() if k not in ("num_workers", "anchors_per_batch")}
@@ -430,9 +429,8 @@ def plan_run(data: dict[str, Any], model: dict[str, Any]) -> RunHeader:
     inputs = {"collection": input_fingerprint(data["collection"])}
     if is_local_path(model["path"]):
         inputs["lvlm"] = input_fingerprint(model["path"])
-    for key in ("image_features", "text_features"):
-        if data.get(key):
-            inputs[key] = input_fingerprint(data[key])
+    if data.get("support_features"):
+        inputs["support_features"] = input_fingerprint(data["support_features"])
     return RunHeader("gt", config, inputs, anchors, manifest)
 
 

@@ -7,9 +7,9 @@ anchors are processed, so a DDP run and a resumed run see the same candidates.
 Samplers:
 
 - ``random``: K supporting-set positions drawn uniformly without replacement (the paper's).
-- ``image_sim`` / ``text_sim``: the K positions most cosine-similar to the anchor in a
-  feature array (any ``(N, D)`` ``.npy`` file aligned with positions, e.g. a feature store's
-  ``image.npy`` / ``text.npy``), read memory-mapped in row chunks.
+- ``image_sim`` / ``text_sim``: the K positions most cosine-similar to the anchor in the
+  supporting set's feature store (``support_features``), read memory-mapped in row chunks
+  (:func:`leverlm.similarity.cosine_topk`).
 - ``joint_sim``: the K positions most similar in image *and* text at once: the mean of the
   image and text cosines (= the cosine of the two L2-normalised features side by side). Our
   addition: for templated questions (easy-vqa, VQAv2 "what color...") many ICDs tie on text
@@ -23,10 +23,8 @@ The anchor itself is never a candidate.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from leverlm.errors import LeverError
 
@@ -121,132 +119,37 @@ class RandomSampler:
         return [self.sample_one(a) for a in anchors]
 
 
-def load_feature_array(path: str | os.PathLike, num_samples: int | None = None) -> np.ndarray:
-    """Memory-map an ``(N, D)`` ``.npy`` feature array, checking its shape and row count."""
-    import numpy as np
-
-    path = Path(path)
-    if not path.is_file():
-        raise SamplerError(f"feature file {str(path)!r} does not exist")
-    try:
-        arr = np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as err:
-        raise SamplerError(
-            f"feature file {str(path)!r} is not a readable .npy array: {err}"
-        ) from err
-    if arr.ndim != 2 or arr.shape[1] < 1:
-        raise SamplerError(f"feature file {str(path)!r} has shape {arr.shape}; expected (N, D)")
-    if num_samples is not None and arr.shape[0] != num_samples:
-        raise SamplerError(
-            f"feature file {str(path)!r} has {arr.shape[0]} rows but the supporting set has "
-            f"{num_samples} samples (rows must be aligned with positions)"
-        )
-    return arr
-
-
-def feature_file(path: str | os.PathLike, modality: str) -> Path:
-    """A ``.npy`` file as given, or a feature-store folder's ``image.npy`` / ``text.npy``."""
-    path = Path(path)
-    return path / f"{modality}.npy" if path.is_dir() else path
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    import numpy as np
-
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norm, np.float32(1e-12))
-
-
-def topk_cosine_reference(features: np.ndarray, anchors: Sequence[int], k: int) -> list[list[int]]:
-    """Straightforward top-k cosine neighbours (float64, full matrix): the parity reference.
-
-    Ties are broken by the lower position, like :class:`SimilaritySampler`.
-    """
-    import numpy as np
-
-    feats = np.asarray(features, dtype=np.float64)
-    feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
-    out = []
-    for a in anchors:
-        sims = feats @ feats[a]
-        sims[a] = -np.inf
-        order = np.lexsort((np.arange(len(sims)), -sims))
-        out.append([int(p) for p in order[:k]])
-    return out
-
-
 class SimilaritySampler:
-    """The ``k`` positions most cosine-similar to the anchor in a memory-mapped feature array.
+    """The ``k`` positions most cosine-similar to the anchor in a feature array (row = position).
 
-    Work is done in fixed-shape blocks (``query_block`` anchors x ``chunk_rows`` rows, the
-    query block zero-padded) so an anchor's similarities are computed by the same kernel
-    shapes whatever batch it arrives in: candidate sets are identical on 1 or N ranks.
-    Ties are broken by the lower position.
+    ``features`` is an ``(N, D)`` array (may be memory-mapped) or a
+    :class:`~leverlm.similarity.JointFeatures`; see :func:`leverlm.similarity.cosine_topk`
+    for the block shapes that make candidate sets identical on 1 or N ranks.
     """
 
     def __init__(
-        self,
-        features: str | os.PathLike | np.ndarray,
-        k: int,
-        num_samples: int | None = None,
-        chunk_rows: int = 16384,
-        query_block: int = 16,
+        self, features: Any, k: int, chunk_rows: int = 16384, query_block: int = 16
     ) -> None:
-        import numpy as np
-
-        self.features = (
-            load_feature_array(features, num_samples)
-            if isinstance(features, (str, os.PathLike))
-            else np.asarray(features)
-        )
-        self.num_samples = int(self.features.shape[0])
+        self.features = features
+        self.num_samples = int(features.shape[0])
         _check_k(k, self.num_samples)
         self.k, self.chunk_rows, self.query_block = k, int(chunk_rows), int(query_block)
 
-    def _block(self, anchors: Sequence[int], k: int) -> list[list[int]]:
-        import numpy as np
-
-        n_valid = len(anchors)
-        queries = np.zeros((self.query_block, self.features.shape[1]), dtype=np.float32)
-        queries[:n_valid] = _normalise(self.features[list(anchors)])
-        best_sims = np.full((self.query_block, 0), -np.inf, dtype=np.float32)
-        best_pos = np.zeros((self.query_block, 0), dtype=np.int64)
-        anchor_arr = np.full(self.query_block, -1, dtype=np.int64)
-        anchor_arr[:n_valid] = anchors
-        for start in range(0, self.num_samples, self.chunk_rows):
-            rows = _normalise(self.features[start : start + self.chunk_rows])
-            if rows.shape[0] < self.chunk_rows:  # pad the last chunk: same gemm shape always
-                pad = np.zeros((self.chunk_rows - rows.shape[0], rows.shape[1]), np.float32)
-                n_rows, rows = rows.shape[0], np.concatenate([rows, pad])
-            else:
-                n_rows = rows.shape[0]
-            sims = (queries @ rows.T)[:, :n_rows]
-            pos = np.arange(start, start + n_rows, dtype=np.int64)
-            # The anchor is never its own candidate.
-            sims[pos[None, :] == anchor_arr[:, None]] = -np.inf
-            sims = np.concatenate([best_sims, sims], axis=1)
-            cand = np.concatenate([best_pos, np.broadcast_to(pos, (self.query_block, n_rows))], 1)
-            keep = min(k, sims.shape[1])
-            # Exact top-k with ties to the lower position: a partition finds each row's k-th
-            # largest value, then only the rows' entries >= it are lexsorted on (-sim, position).
-            kth = np.partition(sims, sims.shape[1] - keep, axis=1)[:, sims.shape[1] - keep]
-            order = np.tile(np.arange(keep), (len(sims), 1))  # padding rows: anything
-            for i in range(n_valid):
-                idx = np.flatnonzero(sims[i] >= kth[i])
-                order[i] = idx[np.lexsort((cand[i, idx], -sims[i, idx]))[:keep]]
-            best_sims = np.take_along_axis(sims, order, axis=1)
-            best_pos = np.take_along_axis(cand, order, axis=1)
-        return [[int(p) for p in best_pos[i]] for i in range(n_valid)]
-
     def sample(self, anchors: Sequence[int], k: int | None = None) -> list[list[int]]:
-        k = self.k if k is None else k
+        from leverlm.similarity import cosine_topk
+
         for a in anchors:
             _check_anchor(a, self.num_samples)
-        out: list[list[int]] = []
-        for i in range(0, len(anchors), self.query_block):
-            out += self._block(anchors[i : i + self.query_block], k)
-        return out
+        anchors = [int(a) for a in anchors]
+        positions, _ = cosine_topk(
+            self.features[anchors],
+            self.features,
+            self.k if k is None else k,
+            [[a] for a in anchors],  # the anchor is never its own candidate
+            chunk_rows=self.chunk_rows,
+            query_block=self.query_block,
+        )
+        return positions.tolist()
 
 
 def split_counts(k: int, weights: Mapping[str, float]) -> dict[str, int]:
@@ -281,28 +184,23 @@ class MixSampler:
         k: int,
         seed: int,
         weights: Mapping[str, float],
-        image: SimilaritySampler | None = None,
-        text: SimilaritySampler | None = None,
-        joint: SimilaritySampler | None = None,
+        sims: Mapping[str, SimilaritySampler],
     ) -> None:
         _check_k(k, num_samples)
         self.counts = split_counts(k, weights)
-        needs = {"image_sim": "an image_features", "text_sim": "a text_features",
-                 "joint_sim": "both image_features and text_features"}  # fmt: skip
-        for name, sim in (("image_sim", image), ("text_sim", text), ("joint_sim", joint)):
-            if self.counts.get(name, 0) and sim is None:
-                raise SamplerError(f"mix uses {name} but {needs[name]} file was not given")
+        for name in SIMILARITIES:
+            if self.counts.get(name, 0) and name not in sims:
+                raise SamplerError(f"mix uses {name} but has no {name} sampler")
         self.num_samples, self.k, self.seed = num_samples, k, seed
         self.random = RandomSampler(num_samples, k, seed)
-        self.image, self.text, self.joint = image, text, joint
+        self.sims = dict(sims)
 
     def sample(self, anchors: Sequence[int]) -> list[list[int]]:
-        parts: dict[str, list[list[int]]] = {}
-        sims = (("image_sim", self.image), ("text_sim", self.text), ("joint_sim", self.joint))
-        for name, sim in sims:
-            if self.counts.get(name, 0):
-                assert sim is not None
-                parts[name] = sim.sample(anchors, self.counts[name])
+        parts = {
+            n: self.sims[n].sample(anchors, c)
+            for n, c in self.counts.items()
+            if c and n in self.sims
+        }
         out = []
         for i, a in enumerate(anchors):
             chosen: list[int] = []
@@ -334,70 +232,63 @@ def build_sampler(
     num_samples: int,
     k: int,
     seed: int,
-    image_features: str | None = None,
-    text_features: str | None = None,
+    support_features: Any = None,
     mix: Mapping[str, float] | None = None,
+    collection: Any = None,
 ) -> CandidateSampler:
     """A candidate sampler by name (``random``, ``image_sim``, ``text_sim``, ``joint_sim``,
     ``mix``).
 
     Args:
-        num_samples: size of the supporting set (feature files must have this many rows).
+        num_samples: size of the supporting set.
         k: candidates per anchor.
-        image_features / text_features: ``(N, D)`` ``.npy`` files for the similarity samplers
-            (or a feature-store folder, whose ``image.npy`` / ``text.npy`` is then used).
+        support_features: the supporting set's feature store (folder or open store) for the
+            similarity samplers.
         mix: blend weights for ``mix`` (default 0.5 random / 0.25 image / 0.25 text).
+        collection: the supporting-set collection the store must have been built for.
     """
     if kind not in SAMPLERS:
         raise SamplerError(f"unknown sampler {kind!r}; choose one of: {', '.join(SAMPLERS)}")
     _check_k(k, num_samples)
     if kind == "random":
         return RandomSampler(num_samples, k, seed)
-
-    def sim(name: str, path: str | None) -> SimilaritySampler:
-        if not path:
-            raise SamplerError(f"sampler {kind!r} needs {name} (a .npy feature array)")
-        return SimilaritySampler(feature_file(path, name.split("_")[0]), k, num_samples=num_samples)
-
-    def joint() -> SimilaritySampler:
-        for name, path in (("image_features", image_features), ("text_features", text_features)):
-            if not path:
-                raise SamplerError(f"sampler 'joint_sim' needs {name} (a .npy feature array)")
-        return SimilaritySampler(
-            joint_features(
-                load_feature_array(feature_file(image_features, "image"), num_samples),
-                load_feature_array(feature_file(text_features, "text"), num_samples),
-            ),
-            k,
-            num_samples=num_samples,
-        )
-
-    if kind == "image_sim":
-        return sim("image_features", image_features)
-    if kind == "text_sim":
-        return sim("text_features", text_features)
-    if kind == "joint_sim":
-        return joint()
     weights = dict(mix) if mix else dict(DEFAULT_MIX)
-    counts = split_counts(k, weights)
-    image = sim("image_features", image_features) if counts.get("image_sim") else None
-    text = sim("text_features", text_features) if counts.get("text_sim") else None
-    both = joint() if counts.get("joint_sim") else None
-    return MixSampler(num_samples, k, seed, weights, image=image, text=text, joint=both)
+    counts = split_counts(k, weights) if kind == "mix" else {kind: k}
+    needed = [n for n in SIMILARITIES if counts.get(n)]
+    sims = dict(
+        zip(needed, _similarity_samplers(needed, k, num_samples, support_features, collection))
+    )
+    if kind != "mix":
+        return sims[kind]
+    return MixSampler(num_samples, k, seed, weights, sims)
 
 
-def joint_features(image: np.ndarray, text: np.ndarray, block: int = 65536) -> np.ndarray:
-    """``[image / |image|, text / |text|]`` per row, float32: its cosine between two rows is the
-    mean of their image and text cosines."""
-    import numpy as np
-
-    if image.shape[0] != text.shape[0]:
+def _similarity_samplers(
+    names: Sequence[str], k: int, num_samples: int, support_features: Any, collection: Any
+) -> list[SimilaritySampler]:
+    if not names:
+        return []
+    if not support_features:
         raise SamplerError(
-            f"image and text features have {image.shape[0]} and {text.shape[0]} rows"
+            f"sampler {', '.join(names)} needs support_features (the supporting set's feature "
+            "store)"
         )
-    out = np.empty((image.shape[0], image.shape[1] + text.shape[1]), dtype=np.float32)
-    for start in range(0, image.shape[0], block):
-        end = start + block
-        out[start:end, : image.shape[1]] = _normalise(image[start:end])
-        out[start:end, image.shape[1] :] = _normalise(text[start:end])
-    return out
+    from leverlm.encoders.store import FeatureStoreError, open_store
+    from leverlm.similarity import JointFeatures
+
+    try:
+        store = open_store(support_features, collection, what="support_features")
+    except FeatureStoreError as err:
+        raise SamplerError(str(err)) from err
+    if len(store.image) != num_samples:
+        raise SamplerError(
+            f"support_features {support_features} has {len(store.image)} rows but the "
+            f"supporting set has {num_samples} samples (rows must be aligned with positions)"
+        )
+    arrays = {"image_sim": store.image, "text_sim": store.text}
+    return [
+        SimilaritySampler(
+            JointFeatures(store.image, store.text) if n == "joint_sim" else arrays[n], k
+        )
+        for n in names
+    ]

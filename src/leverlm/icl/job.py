@@ -44,7 +44,7 @@ from leverlm.errors import LeverError
 from leverlm.icl.retrievers import RETRIEVERS, Retriever, RetrieverError, available_retrievers
 from leverlm.report import Prediction, ReportError, read_predictions
 from leverlm.runs import Job, RunDir, RunHeader, input_fingerprint, run_job
-from leverlm.utils import atomic_open, atomic_write_json, sha256_file
+from leverlm.utils import atomic_open, atomic_write_json, read_jsonl, sha256_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -93,7 +93,6 @@ class EvalPrediction(Prediction):
 
 def prediction_line(pred: Prediction) -> str:
     """One JSONL line (no newline) in the fixed field order; equal predictions, equal bytes."""
-    import json
 
     return json.dumps(pred.to_json(), ensure_ascii=False, separators=(",", ":"))
 
@@ -235,8 +234,8 @@ def accepted_args(factory: Any) -> tuple[set[str], bool]:
 _PATH_ARGS = (
     "checkpoint",
     "path",
-    "support_feature_store",
-    "query_feature_store",
+    "support_features",
+    "query_features",
     "queries",
     "supporting_set",
 )
@@ -532,7 +531,7 @@ class EvalDataModule(pl.LightningDataModule):
     def retrieval_context(self, device: str) -> dict[str, Any]:
         """What the job knows that retrievers may take (see :func:`build_retrievers`)."""
         from leverlm.data.collection import read_manifest
-        from leverlm.encoders import FeatureStore
+        from leverlm.encoders.store import open_store
         from leverlm.tasks import get_task
 
         ctx: dict[str, Any] = {
@@ -542,14 +541,16 @@ class EvalDataModule(pl.LightningDataModule):
             "queries": _abspath(self.queries),
             "supporting_set": _abspath(self.supporting_set),
             # paths, for retrievers that open a store themselves (Lever-LM)
-            "support_feature_store": _abspath(self.support_features),
-            "query_feature_store": _abspath(self.query_features),
+            "support_features": _abspath(self.support_features),
+            "query_features": _abspath(self.query_features),
         }
         if self.support_features:
-            store = FeatureStore(self.support_features)
+            store = open_store(
+                self.support_features, self.supporting_set, what="data.support_features"
+            )
             ctx["support_image"], ctx["support_text"] = store.image, store.text
         if self.query_features:
-            store = FeatureStore(self.query_features)
+            store = open_store(self.query_features, self.queries, what="data.query_features")
             ctx["query_image"] = store.image
             # A caption query's text is its answer: STTR compares its image with ICD texts.
             ctx["query_text"] = None if get_task(self.task).name == "caption" else store.text
@@ -830,18 +831,14 @@ def _collection_info(path: str, what: str) -> dict[str, Any]:
 
 def _check_store(path: str, collection: dict[str, Any], what: str) -> str:
     """Open a feature store and check it was built for ``collection``; its manifest sha256."""
-    from leverlm.encoders import FeatureStore, FeatureStoreError
+    from leverlm.encoders.store import FeatureStoreError, open_store
 
     try:
-        store = FeatureStore(path)
-        store.check_matches(collection["path"])
-    except FeatureStoreError as err:
-        raise EvalConfigError(f"data.{what}: {err}") from err
-    if len(store) != collection["num_samples"]:
-        raise EvalConfigError(
-            f"data.{what}: feature store {path} has {len(store)} rows but collection "
-            f"{collection['path']} has {collection['num_samples']} samples"
+        open_store(
+            path, collection["path"], sha256=collection["manifest_sha256"], what=f"data.{what}"
         )
+    except FeatureStoreError as err:
+        raise EvalConfigError(str(err)) from err
     return sha256_file(Path(path) / "manifest.json")
 
 
@@ -874,7 +871,7 @@ def _check_lever(
         )
     wants_queries = bool(config.get("query_features"))
     if wants_queries and not (
-        spec.kwargs.get("query_feature_store")
+        spec.kwargs.get("query_features")
         or data.get("query_features")
         or info.get("clip_trainable")
     ):
@@ -956,7 +953,7 @@ def plan_eval(
                     f"{' and '.join('data.' + k for k in lacking)} (feature stores of "
                     "data.supporting_set / data.queries, from `leverlm features`)"
                 )
-        for key, coll in (("support_feature_store", support), ("query_feature_store", queries)):
+        for key, coll in (("support_features", support), ("query_features", queries)):
             path = spec.kwargs.get(key)
             if isinstance(path, str):
                 checksums[f"{spec.method}.{key}_manifest"] = _check_store(
@@ -1026,7 +1023,7 @@ def plan_eval(
         if data.get(key):
             inputs[key] = input_fingerprint(data[key])
     for spec in specs:
-        for key in ("checkpoint", "path", "support_feature_store", "query_feature_store"):
+        for key in ("checkpoint", "path", "support_features", "query_features"):
             if isinstance(spec.kwargs.get(key), str) and Path(spec.kwargs[key]).exists():
                 inputs[f"{spec.method}.{key}"] = input_fingerprint(spec.kwargs[key])
         if "gt_dir" in spec.source:
@@ -1090,17 +1087,13 @@ class EvalJob(Job):
         read: a resumed VQAv2 run holds millions of predictions; the merge checks the rest)."""
         done: set[tuple[str, str, int]] = set()
         for path in run.part_files():
-            with open(path, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    try:
-                        obj = json.loads(line)
-                        # Interned: the same key and method strings are shared by every unit.
-                        done.add((sys.intern(obj["query_key"]), sys.intern(obj["method"]),
-                                  int(obj["shots"])))  # fmt: skip
-                    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                        raise EvalError(
-                            f"{path}:{lineno}: not a prediction line ({err!r})"
-                        ) from None
+            for where, obj in read_jsonl(path, EvalError):
+                try:
+                    # Interned: the same key and method strings are shared by every unit.
+                    done.add((sys.intern(obj["query_key"]), sys.intern(obj["method"]),
+                              int(obj["shots"])))  # fmt: skip
+                except (KeyError, TypeError, ValueError) as err:
+                    raise EvalError(f"{where}: not a prediction line ({err!r})") from None
         return done
 
     def remaining(self, run: RunDir, header: RunHeader) -> int:

@@ -2,7 +2,7 @@
 
 Registered into :mod:`leverlm.icl.retrievers` on import (``leverlm.icl.job`` imports this):
 
-- ``lever_lm``: :meth:`leverlm.lever.generate.LeverLM.select` - greedy (or beam) decoding of
+- ``lever_lm``: :meth:`leverlm.lever.select.LeverLM.select` - greedy (or beam) decoding of
   the ICD positions per query from its CLIP features, never repeating an ICD *of that query*.
 - ``lever_lm_shuffled``: the same ICDs in a random order seeded per query (the paper's
   ablation of the generated order).
@@ -16,8 +16,9 @@ gt dataset folder.
 
 from __future__ import annotations
 
-import json
+import inspect
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,11 +28,13 @@ from leverlm.icl.retrievers import (
     ShuffledRetriever,
     _check_shots,
     _query_key,
+    check_sizes,
     register_retriever,
 )
+from leverlm.utils import read_jsonl
 
 if TYPE_CHECKING:
-    from leverlm.lever.generate import LeverLM
+    from leverlm.lever.select import LeverLM
 
 Take = Literal["last", "first"]
 
@@ -52,18 +55,19 @@ class LeverLMRetriever(Retriever):
 
     Args:
         checkpoint: the Lever-LM ``.ckpt`` (ignored when ``lever`` is given).
-        support_feature_store: the supporting set's feature store (path, store object or
+        support_features: the supporting set's feature store (folder, store object or
             ``{modality: (N, D)}``); default: the store recorded in the checkpoint (or, for a
             checkpoint with a fine-tuned CLIP, the supporting set encoded by that CLIP).
-        query_feature_store: the query collection's feature store (row = query ``position``);
+        query_features: the query collection's feature store (row = query ``position``);
             may be omitted for a fine-tuned-CLIP checkpoint: the queries of ``queries`` are then
             encoded (once each, as they are asked for) with the checkpoint's CLIP.
-        queries: the query collection folder (only needed for that CLIP encoding).
+        queries: the query collection folder: the query store must have been built for it;
+            the queries a fine-tuned CLIP encodes.
         num_candidates: the supporting-set size, checked against the checkpoint's vocabulary.
         beam_size: 1 = greedy (the paper); more = beam search over sequences.
         batch_size: queries decoded together.
         device: torch device for decoding.
-        lever: an already loaded :class:`~leverlm.lever.generate.LeverLM` (tests, the API).
+        lever: an already loaded :class:`~leverlm.lever.select.LeverLM` (tests, the API).
     """
 
     name = "lever_lm"
@@ -71,8 +75,8 @@ class LeverLMRetriever(Retriever):
     def __init__(
         self,
         checkpoint: str | None = None,
-        support_feature_store: Any = None,
-        query_feature_store: Any = None,
+        support_features: Any = None,
+        query_features: Any = None,
         queries: str | None = None,
         num_candidates: int | None = None,
         beam_size: int = 1,
@@ -85,11 +89,11 @@ class LeverLMRetriever(Retriever):
                 raise RetrieverError("lever_lm: a checkpoint (Lever-LM .ckpt) is required")
             if not Path(checkpoint).is_file():
                 raise RetrieverError(f"lever_lm: checkpoint {checkpoint!r} does not exist")
-            from leverlm.lever.generate import LeverLM
+            from leverlm.lever.select import LeverLM
 
             try:
                 lever = LeverLM.from_checkpoint(
-                    checkpoint, features=support_feature_store, device=device
+                    checkpoint, support_features=support_features, device=device
                 )
             except (ValueError, FileNotFoundError) as err:
                 raise RetrieverError(f"lever_lm: checkpoint {checkpoint!r}: {err}") from err
@@ -99,16 +103,18 @@ class LeverLMRetriever(Retriever):
                 f"lever_lm: the checkpoint's vocabulary has {vocab} ICDs but the supporting set "
                 f"has {num_candidates} samples (trained on another supporting set?)"
             )
-        for arg, value in (("beam_size", beam_size), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RetrieverError(f"lever_lm: {arg} must be an int >= 1, got {value!r}")
+        check_sizes("lever_lm", beam_size=beam_size, batch_size=batch_size)
+        if query_features is not None and not isinstance(query_features, Mapping):
+            from leverlm.encoders.store import FeatureStoreError, open_store
+
+            try:
+                query_features = open_store(query_features, queries, what="query_features")
+            except FeatureStoreError as err:
+                raise RetrieverError(f"lever_lm: {err}") from err
         super().__init__(vocab)
-        self.lever = lever
-        self.checkpoint = checkpoint
-        self.query_feature_store = query_feature_store
-        self.queries = queries
-        self.beam_size = beam_size
-        self.batch_size = batch_size
+        self.lever, self.checkpoint, self.queries = lever, checkpoint, queries
+        self.query_features = query_features
+        self.beam_size, self.batch_size = beam_size, batch_size
         # (position, exclusions) -> greedy sequence of the longest length decoded so far;
         # (position, exclusions, shots) -> beam-search sequence.
         self._cache: dict[tuple, list[int]] = {}
@@ -118,11 +124,11 @@ class LeverLMRetriever(Retriever):
 
     def _features_source(self, positions: list[int]) -> tuple[Any, Any]:
         """(queries argument for ``select``, its ``query_features``) for ``positions``."""
-        if self.query_feature_store is not None:
-            return positions, self.query_feature_store
+        if self.query_features is not None:
+            return positions, self.query_features
         if self.lever.clip is None:
             raise RetrieverError(
-                "lever_lm: query_feature_store (the query collection's feature store) is required "
+                "lever_lm: query_features (the query collection's feature store) is required "
                 "for a checkpoint without a fine-tuned CLIP"
             )
         if not self.queries:
@@ -135,7 +141,7 @@ class LeverLMRetriever(Retriever):
             # Each query is encoded once, by the checkpoint's CLIP; later calls gather rows.
             import torch
 
-            from leverlm.lever.generate import encode_collection
+            from leverlm.lever.select import encode_collection
 
             info = self.lever.info
             fresh = encode_collection(
@@ -173,12 +179,9 @@ class LeverLMRetriever(Retriever):
 
     def _items(self, queries: list[dict[str, Any]], shots: int) -> list[tuple[int, frozenset]]:
         items = []
-        for i, query in enumerate(queries):
-            key = _query_key(query, i)
+        for query, (key, excluded) in zip(queries, self.checked(queries, shots), strict=True):
             if "position" not in query:
                 raise RetrieverError(f"lever_lm: query {key!r} has no 'position'")
-            excluded = self.excluded(query, i)
-            self._check_capacity(shots, excluded, key)
             items.append((int(query["position"]), excluded))
         return items
 
@@ -212,36 +215,24 @@ class LeverLMRetriever(Retriever):
 
 @register_retriever("lever_lm_shuffled")
 def lever_lm_shuffled(
-    checkpoint: str | None = None,
-    support_feature_store: Any = None,
-    query_feature_store: Any = None,
-    queries: str | None = None,
-    num_candidates: int | None = None,
-    beam_size: int = 1,
-    batch_size: int = 256,
-    device: str = "cpu",
-    lever: LeverLM | None = None,
-    seed: int = 0,
-    inner: Retriever | None = None,
+    seed: int = 0, inner: Retriever | None = None, **lever_lm: Any
 ) -> ShuffledRetriever:
     """Lever-LM's ICDs in a random order, seeded per query by ``(seed, key, shots)``.
 
     ``inner``: an existing ``lever_lm`` retriever to shuffle (its decoding is then shared);
-    otherwise one is built from the other arguments (see :class:`LeverLMRetriever`).
+    otherwise one is built from the other arguments (those of :class:`LeverLMRetriever`).
     """
-    if inner is None:
-        inner = LeverLMRetriever(
-            checkpoint=checkpoint,
-            support_feature_store=support_feature_store,
-            query_feature_store=query_feature_store,
-            queries=queries,
-            num_candidates=num_candidates,
-            beam_size=beam_size,
-            batch_size=batch_size,
-            device=device,
-            lever=lever,
-        )
-    return ShuffledRetriever(inner, seed=seed)
+    return ShuffledRetriever(inner or LeverLMRetriever(**lever_lm), seed=seed)
+
+
+# The arguments it accepts, spelled out (configs are checked against them): LeverLMRetriever's,
+# then its own.
+lever_lm_shuffled.__signature__ = inspect.Signature(
+    [
+        *inspect.signature(LeverLMRetriever).parameters.values(),
+        *list(inspect.signature(lever_lm_shuffled).parameters.values())[:2],
+    ]
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,39 +258,31 @@ def read_sequences(
     if not path.is_file():
         raise RetrieverError(f"sequence file {str(path)!r} does not exist")
     out: dict[str, dict[int | None, list[int]]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RetrieverError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise RetrieverError(f"{where}: expected a JSON object")
-            key, seq = obj.get("query_key"), obj.get("icd_positions")
-            if not isinstance(key, str) or not key:
-                raise RetrieverError(f"{where}: field 'query_key' must be a non-empty string")
-            if not isinstance(seq, list) or not all(_is_int(p) for p in seq):
-                raise RetrieverError(f"{where}: field 'icd_positions' must be a list of ints")
-            if len(set(seq)) != len(seq):
-                raise RetrieverError(f"{where}: icd_positions {seq} has repeated positions")
-            if num_candidates is not None and not all(0 <= p < num_candidates for p in seq):
-                raise RetrieverError(
-                    f"{where}: icd_positions {seq} has positions outside the supporting set "
-                    f"0..{num_candidates - 1}"
-                )
-            shots = obj.get("shots")
-            if shots is not None and (not _is_int(shots) or shots != len(seq)):
-                raise RetrieverError(
-                    f"{where}: field 'shots' is {shots!r} but icd_positions has {len(seq)} items"
-                )
-            per_query = out.setdefault(key, {})
-            if shots in per_query:
-                what = f"shots={shots}" if shots is not None else "a sequence without 'shots'"
-                raise RetrieverError(f"{where}: query {key!r} already has {what}")
-            per_query[shots] = list(seq)
+    for where, obj in read_jsonl(path, RetrieverError):
+        if not isinstance(obj, dict):
+            raise RetrieverError(f"{where}: expected a JSON object")
+        key, seq = obj.get("query_key"), obj.get("icd_positions")
+        if not isinstance(key, str) or not key:
+            raise RetrieverError(f"{where}: field 'query_key' must be a non-empty string")
+        if not isinstance(seq, list) or not all(_is_int(p) for p in seq):
+            raise RetrieverError(f"{where}: field 'icd_positions' must be a list of ints")
+        if len(set(seq)) != len(seq):
+            raise RetrieverError(f"{where}: icd_positions {seq} has repeated positions")
+        if num_candidates is not None and not all(0 <= p < num_candidates for p in seq):
+            raise RetrieverError(
+                f"{where}: icd_positions {seq} has positions outside the supporting set "
+                f"0..{num_candidates - 1}"
+            )
+        shots = obj.get("shots")
+        if shots is not None and (not _is_int(shots) or shots != len(seq)):
+            raise RetrieverError(
+                f"{where}: field 'shots' is {shots!r} but icd_positions has {len(seq)} items"
+            )
+        per_query = out.setdefault(key, {})
+        if shots in per_query:
+            what = f"shots={shots}" if shots is not None else "a sequence without 'shots'"
+            raise RetrieverError(f"{where}: query {key!r} already has {what}")
+        per_query[shots] = list(seq)
     return out
 
 

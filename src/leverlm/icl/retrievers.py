@@ -10,7 +10,8 @@ get, e.g. itself when queries come from the supporting set) is honoured by every
 
 Baselines of the paper: ``zero_shot``; ``random`` (RS); similarity retrieval with CLIP features
 ``siir`` (image -> image), ``sttr`` (text -> text), ``sitr`` (image -> text); ``fixed`` (one
-sequence for every query); ``shuffled`` (any retriever's ICDs in a seeded random order).
+sequence for every query); ``shuffled`` (any retriever's ICDs in a seeded random order). Ours:
+``joint_sim`` (the mean of the image and text cosines, as the gt sampler of that name).
 Other modules add theirs with :func:`register_retriever` (e.g. ``lever_lm``).
 
 Randomness is seeded *per query* from ``(seed, __key__)`` with SHA-256, so a query gets the
@@ -19,6 +20,7 @@ same ICDs whatever batch, rank or order it is processed in.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -28,7 +30,6 @@ from leverlm.errors import LeverError
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
 MostSimilar = Literal["last", "first"]
 
@@ -138,6 +139,13 @@ def _check_shots(shots: Any) -> int:
     return shots
 
 
+def check_sizes(retriever: str, **sizes: Any) -> None:
+    """Each of ``sizes`` is an int >= 1 (else an error naming the retriever and the argument)."""
+    for arg, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RetrieverError(f"{retriever}: {arg} must be an int >= 1, got {value!r}")
+
+
 def _check_most_similar(value: str) -> MostSimilar:
     if value not in ("last", "first"):
         raise RetrieverError(f"most_similar must be 'last' or 'first', got {value!r}")
@@ -194,6 +202,15 @@ class Retriever(ABC):
                 )
             out.add(int(query["position"]))
         return frozenset(out)
+
+    def checked(self, queries: list[dict[str, Any]], shots: int) -> list[tuple[str, frozenset]]:
+        """Each query's key and excluded positions, once it is known it can get ``shots`` ICDs."""
+        out = []
+        for i, query in enumerate(queries):
+            key, excluded = _query_key(query, i), self.excluded(query, i)
+            self._check_capacity(shots, excluded, key)
+            out.append((key, excluded))
+        return out
 
     def _check_capacity(self, shots: int, excluded: frozenset[int], key: Any) -> None:
         """Fail early when a query cannot get ``shots`` distinct allowed ICDs."""
@@ -278,12 +295,7 @@ class RandomRetriever(Retriever):
         return chosen
 
     def retrieve(self, queries: list[dict[str, Any]], shots: int) -> list[list[int]]:
-        shots = _check_shots(shots)
-        keyed = []
-        for i, query in enumerate(queries):
-            key, excluded = _query_key(query, i), self.excluded(query, i)
-            self._check_capacity(shots, excluded, key)
-            keyed.append((key, excluded))
+        keyed = self.checked(queries, _check_shots(shots))
         if shots == 0:
             return [[] for _ in queries]
         return [self._draw(key, shots, excluded) for key, excluded in keyed]
@@ -453,9 +465,7 @@ class AnswerOracleRetriever(Retriever):
     def retrieve(self, queries: list[dict[str, Any]], shots: int) -> list[list[int]]:
         shots = _check_shots(shots)
         out = []
-        for i, query in enumerate(queries):
-            key, excluded = _query_key(query, i), self.excluded(query, i)
-            self._check_capacity(shots, excluded, key)
+        for i, (query, (key, excluded)) in enumerate(zip(queries, self.checked(queries, shots))):
             pos = _query_position(query, i, len(self.queries))
             label = self._label(self.queries.fields(pos), pos, str(self.queries.path))
             out.append(self._one(key, label, shots, excluded) if shots else [])
@@ -478,153 +488,41 @@ def _check_features(array: Any, name: str) -> None:
         raise RetrieverError(f"{name} must be float16/32/64, got dtype {array.dtype}")
 
 
-def _as_float32(block: np.ndarray) -> np.ndarray:
-    import numpy as np
-
-    return np.ascontiguousarray(block, dtype=np.float32)
-
-
-def _select_topk_chunk(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` of each row ordered by (score descending, column ascending).
-
-    ``torch.topk`` picks arbitrarily among equal scores at the boundary; duplicated features
-    (several VQA questions share one image) make such ties common, so the boundary ties are
-    resolved by lowest column explicitly.
-    """
-    import torch
-
-    rows = sims.shape[0]
-    kth = torch.topk(sims, k, dim=1).values[:, -1:]
-    above = sims > kth
-    need = k - above.sum(dim=1, keepdim=True)
-    at = sims == kth
-    chosen = above | (at & (torch.cumsum(at, dim=1) <= need))
-    cols = chosen.nonzero()[:, 1].view(rows, k)  # ascending columns within each row
-    vals = torch.gather(sims, 1, cols)
-    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
-    return torch.gather(vals, 1, order), torch.gather(cols, 1, order)
-
-
-def cosine_topk(
-    query_features: np.ndarray,
-    support_features: np.ndarray,
-    k: int,
-    exclude: Sequence[Sequence[int]] | None = None,
-    *,
-    chunk_size: int = 16384,
-    device: str = "cpu",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine top-``k`` supporting rows per query row, in chunks of the supporting set.
-
-    Memory stays at ``Q x chunk_size`` scores however large N is (the supporting array may be
-    memory-mapped fp16). Order: most similar first, ties by lower position. ``exclude[i]`` are
-    positions query ``i`` must not get. Returns ``(positions int64 (Q, k), scores fp32 (Q, k))``.
-    """
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    q_count, n = query_features.shape[0], support_features.shape[0]
-    if query_features.shape[1] != support_features.shape[1]:
-        raise RetrieverError(
-            f"feature dims differ: query features {query_features.shape} vs supporting-set "
-            f"features {support_features.shape}"
-        )
-    if not 0 <= k <= n:
-        raise RetrieverError(f"k={k} must be in 0..N={n}")
-    if k == 0 or q_count == 0:
-        return np.zeros((q_count, k), np.int64), np.zeros((q_count, k), np.float32)
-    dev = torch.device(device)
-    queries = torch.from_numpy(_as_float32(query_features)).to(dev)
-    if not torch.isfinite(queries).all():
-        bad = int((~torch.isfinite(queries)).any(dim=1).nonzero()[0, 0])
-        raise RetrieverError(f"query features row {bad} is not finite")
-    queries = F.normalize(queries, dim=1)
-    ex_rows: list[int] = []
-    ex_cols: list[int] = []
-    for row, positions in enumerate(exclude or []):
-        for p in positions:
-            if 0 <= p < n:
-                ex_rows.append(row)
-                ex_cols.append(int(p))
-    ex_r = torch.tensor(ex_rows, dtype=torch.long, device=dev)
-    ex_c = torch.tensor(ex_cols, dtype=torch.long, device=dev)
-
-    best_v: torch.Tensor | None = None
-    best_i: torch.Tensor | None = None
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        block = torch.from_numpy(_as_float32(support_features[start:stop])).to(dev)
-        finite = torch.isfinite(block).all(dim=1)
-        if not bool(finite.all()):
-            bad = start + int((~finite).nonzero()[0, 0])
-            raise RetrieverError(f"supporting-set features row {bad} is not finite")
-        sims = queries @ F.normalize(block, dim=1).T  # (Q, chunk)
-        if ex_r.numel():
-            inside = (ex_c >= start) & (ex_c < stop)
-            sims[ex_r[inside], ex_c[inside] - start] = float("-inf")
-        vals, cols = _select_topk_chunk(sims, min(k, stop - start))
-        cols = cols + start
-        if best_v is None or best_i is None:
-            best_v, best_i = vals, cols
-        else:
-            # Earlier chunks hold lower positions and come first: a stable sort keeps ties
-            # ordered by position.
-            cat_v, cat_i = torch.cat([best_v, vals], 1), torch.cat([best_i, cols], 1)
-            order = torch.sort(cat_v, dim=1, descending=True, stable=True).indices[:, :k]
-            best_v, best_i = torch.gather(cat_v, 1, order), torch.gather(cat_i, 1, order)
-    assert best_v is not None and best_i is not None
-    return best_i.cpu().numpy().astype(np.int64), best_v.cpu().numpy().astype(np.float32)
-
-
-def cosine_topk_reference(
-    query_features: np.ndarray,
-    support_features: np.ndarray,
-    k: int,
-    exclude: Sequence[Sequence[int]] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Straightforward reference of :func:`cosine_topk`: the full score matrix, a full sort."""
-    import numpy as np
-
-    q = np.asarray(query_features, dtype=np.float32)
-    s = np.asarray(support_features, dtype=np.float32)
-    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-    s = s / np.maximum(np.linalg.norm(s, axis=1, keepdims=True), 1e-12)
-    sims = q @ s.T
-    positions = np.zeros((q.shape[0], k), np.int64)
-    scores = np.zeros((q.shape[0], k), np.float32)
-    for row in range(q.shape[0]):
-        row_sims = sims[row].copy()
-        for p in exclude[row] if exclude is not None else ():
-            row_sims[p] = -np.inf
-        order = np.lexsort((np.arange(len(row_sims)), -row_sims))[:k]
-        positions[row], scores[row] = order, row_sims[order]
-    return positions, scores
+Pairs = tuple[tuple[str, str], ...]
 
 
 class SimilarityRetriever(Retriever):
-    """Cosine nearest neighbours of a query feature among supporting-set features.
+    """Cosine nearest neighbours of each query among the supporting set's CLIP features.
+
+    ``pairs`` names what is compared, as (query modality, ICD modality) pairs; a query's score
+    for an ICD is the mean of the pairs' cosines. Registered as ``siir`` (image -> image),
+    ``sttr`` (text -> text), ``sitr`` (image -> text) and ``joint_sim`` (image -> image and
+    text -> text). A captioning query has no text of its own (its caption is the answer): with
+    ``query_text=None`` the query *image* stands in for the query text (STTR then behaves like
+    SITR); ``self.fallback`` records it.
 
     Args:
-        support_features: ``(N, D)`` float array (fp16/fp32, may be memory-mapped); row =
-            supporting-set position.
-        query_features: ``(Q, D)`` float array; row = the query's ``position``.
+        support_image / support_text: ``(N, D)`` float arrays (may be memory-mapped fp16); row
+            = supporting-set position.
+        query_image / query_text: ``(Q, D)`` float arrays; row = the query's ``position``.
         most_similar: ``"last"`` (paper: the most similar ICD next to the query) or ``"first"``.
-        chunk_size: supporting rows scored at once (memory ~ batch x chunk_size floats).
-        query_chunk_size: queries scored together by :meth:`prepare`.
-        device: torch device for the matmuls.
+        chunk_size: supporting rows scored at once (memory ~ 16 x chunk_size floats).
+        query_chunk_size: queries ranked together by :meth:`prepare`.
+        device: where the similarity products run (``cpu``: numpy).
         cache: remember each query's ranking; a ranking for k shots is the prefix of the one for
             more shots (ties broken by position), so ``prepare(all, max_shots)`` once makes every
             later ``retrieve`` a lookup.
     """
 
-    name = "similarity"
-
     def __init__(
         self,
-        support_features: np.ndarray,
-        query_features: np.ndarray,
+        support_image: np.ndarray | None = None,
+        query_image: np.ndarray | None = None,
+        support_text: np.ndarray | None = None,
+        query_text: np.ndarray | None = None,
         *,
+        pairs: Pairs = (("image", "image"),),
+        name: str = "similarity",
         most_similar: MostSimilar = "last",
         exclude_query_position: bool = False,
         chunk_size: int = 16384,
@@ -632,19 +530,35 @@ class SimilarityRetriever(Retriever):
         device: str = "cpu",
         cache: bool = True,
     ):
-        _check_features(support_features, f"{self.name}: supporting-set features")
-        _check_features(query_features, f"{self.name}: query features")
-        if support_features.shape[1] != query_features.shape[1]:
-            raise RetrieverError(
-                f"{self.name}: feature dims differ: supporting-set features "
-                f"{support_features.shape} vs query features {query_features.shape}"
-            )
-        for arg, value in (("chunk_size", chunk_size), ("query_chunk_size", query_chunk_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RetrieverError(f"{self.name}: {arg} must be an int >= 1, got {value!r}")
-        super().__init__(int(support_features.shape[0]), exclude_query_position)
-        self.support_features = support_features
-        self.query_features = query_features
+        from leverlm.similarity import JointFeatures
+
+        self.name = name
+        given = {"support_image": support_image, "support_text": support_text,
+                 "query_image": query_image, "query_text": query_text}  # fmt: skip
+        self.fallback = query_text is None and any(q == "text" for q, _ in pairs)
+        sides: dict[str, list[np.ndarray]] = {"support": [], "query": []}
+        for query_m, support_m in pairs:
+            if self.fallback and query_m == "text":
+                query_m = "image"
+            for side, m in (("support", support_m), ("query", query_m)):
+                array = given[f"{side}_{m}"]
+                if array is None:
+                    what = f"{side}_{m}"
+                    if self.fallback and side == "query":
+                        what = "query_text (or query_image, compared with ICD texts)"
+                    raise RetrieverError(f"{name}: {what} is required")
+                _check_features(array, f"{name}: {side}_{m} features")
+                sides[side].append(array)
+        for s, q in zip(sides["support"], sides["query"], strict=True):
+            if s.shape[1] != q.shape[1]:
+                raise RetrieverError(
+                    f"{name}: feature dims differ: supporting-set features {s.shape} vs query "
+                    f"features {q.shape}"
+                )
+        check_sizes(name, chunk_size=chunk_size, query_chunk_size=query_chunk_size)
+        support, query = (x[0] if len(x) == 1 else JointFeatures(*x) for x in sides.values())
+        super().__init__(int(support.shape[0]), exclude_query_position)
+        self.support_features, self.query_features = support, query
         self.most_similar = _check_most_similar(most_similar)
         self.chunk_size = chunk_size
         self.query_chunk_size = query_chunk_size
@@ -655,17 +569,16 @@ class SimilarityRetriever(Retriever):
     def _resolve(
         self, queries: list[dict[str, Any]], shots: int
     ) -> list[tuple[int, frozenset[int]]]:
-        shots = _check_shots(shots)
-        out = []
-        for i, query in enumerate(queries):
-            pos = _query_position(query, i, self.query_features.shape[0])
-            excluded = self.excluded(query, i)
-            self._check_capacity(shots, excluded, query.get("__key__", i))
-            out.append((pos, excluded))
-        return out
+        checked = self.checked(queries, _check_shots(shots))
+        n = self.query_features.shape[0]
+        return [
+            (_query_position(q, i, n), ex) for i, (q, (_, ex)) in enumerate(zip(queries, checked))
+        ]
 
     def _rank(self, items: list[tuple[int, frozenset[int]]], k: int) -> list[list[int]]:
         """Ranked (most similar first) top-``k`` per (position, exclusions), using the cache."""
+        from leverlm.similarity import cosine_topk
+
         todo = sorted(
             {item for item in items if len(self._ranked.get(item, ())) < k},
             key=lambda it: (it[0], sorted(it[1])),
@@ -673,13 +586,12 @@ class SimilarityRetriever(Retriever):
         fresh: dict[tuple[int, frozenset[int]], list[int]] = {}
         for start in range(0, len(todo), self.query_chunk_size):
             chunk = todo[start : start + self.query_chunk_size]
-            rows = [pos for pos, _ in chunk]
             positions, _ = cosine_topk(
-                self.query_features[rows],
+                self.query_features[[pos for pos, _ in chunk]],
                 self.support_features,
                 k,
                 [sorted(ex) for _, ex in chunk],
-                chunk_size=self.chunk_size,
+                chunk_rows=self.chunk_size,
                 device=self.device,
             )
             fresh.update(zip(chunk, positions.tolist()))
@@ -701,79 +613,12 @@ class SimilarityRetriever(Retriever):
         return [r[::-1] if self.most_similar == "last" else list(r) for r in ranked]
 
 
-def _need(value: np.ndarray | None, what: str, retriever: str) -> np.ndarray:
-    if value is None:
-        raise RetrieverError(f"{retriever}: {what} is required")
-    return value
-
-
-@register_retriever("siir")
-class SIIRRetriever(SimilarityRetriever):
-    """Similar image to image: query image feature vs ICD image features."""
-
-    name = "siir"
-
-    def __init__(
-        self,
-        support_image: np.ndarray | None = None,
-        query_image: np.ndarray | None = None,
-        support_text: np.ndarray | None = None,
-        query_text: np.ndarray | None = None,
-        **kwargs: Any,
-    ):
-        # The unused feature kinds are accepted so a job can pass all four arrays to any
-        # similarity retriever.
-        super().__init__(
-            _need(support_image, "support_image", self.name),
-            _need(query_image, "query_image", self.name),
-            **kwargs,
-        )
-
-
-@register_retriever("sitr")
-class SITRRetriever(SimilarityRetriever):
-    """Similar image to text: query image feature vs ICD text features."""
-
-    name = "sitr"
-
-    def __init__(
-        self,
-        support_image: np.ndarray | None = None,
-        query_image: np.ndarray | None = None,
-        support_text: np.ndarray | None = None,
-        query_text: np.ndarray | None = None,
-        **kwargs: Any,
-    ):
-        super().__init__(
-            _need(support_text, "support_text", self.name),
-            _need(query_image, "query_image", self.name),
-            **kwargs,
-        )
-
-
-@register_retriever("sttr")
-class STTRRetriever(SimilarityRetriever):
-    """Similar text to text: query text feature vs ICD text features.
-
-    A captioning query has no text of its own (its caption is the answer): with
-    ``query_text=None`` the query *image* feature is compared with the ICD texts instead, i.e.
-    STTR behaves like SITR there; ``self.fallback`` records it.
-    """
-
-    name = "sttr"
-
-    def __init__(
-        self,
-        support_image: np.ndarray | None = None,
-        query_image: np.ndarray | None = None,
-        support_text: np.ndarray | None = None,
-        query_text: np.ndarray | None = None,
-        **kwargs: Any,
-    ):
-        self.fallback = query_text is None
-        query = query_image if self.fallback else query_text
-        super().__init__(
-            _need(support_text, "support_text", self.name),
-            _need(query, "query_text (or query_image, compared with ICD texts)", self.name),
-            **kwargs,
-        )
+# The paper's similarity baselines and ours (joint_sim): (query modality, ICD modality) pairs.
+SIMILARITY_PAIRS: dict[str, Pairs] = {
+    "siir": (("image", "image"),),
+    "sttr": (("text", "text"),),
+    "sitr": (("image", "text"),),
+    "joint_sim": (("image", "image"), ("text", "text")),
+}
+for _name, _pairs in SIMILARITY_PAIRS.items():
+    register_retriever(_name)(functools.partial(SimilarityRetriever, pairs=_pairs, name=_name))

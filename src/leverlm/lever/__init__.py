@@ -1,4 +1,5 @@
-"""Lever-LM: the network (``model``), training (``module``, ``data``) and decoding (``generate``).
+"""Lever-LM: the network (``model``), training (``module``, ``data``), decoding (``decode``) and
+the ``LeverLM`` API (``select``).
 
 The names below are imported lazily, so ``import leverlm.lever`` does not pull in torch.
 """
@@ -13,11 +14,11 @@ _EXPORTS = {
     "LeverLMModel": "leverlm.lever.model",
     "LeverLMModule": "leverlm.lever.module",
     "LeverLMDataModule": "leverlm.lever.data",
-    "LeverLM": "leverlm.lever.generate",
-    "FeatureBank": "leverlm.lever.generate",
-    "greedy_decode": "leverlm.lever.generate",
-    "beam_decode": "leverlm.lever.generate",
-    "reference_decode": "leverlm.lever.generate",
+    "LeverLM": "leverlm.lever.select",
+    "FeatureBank": "leverlm.lever.decode",
+    "greedy_decode": "leverlm.lever.decode",
+    "beam_decode": "leverlm.lever.decode",
+    "reference_decode": "leverlm.lever.decode",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -118,13 +118,13 @@ class SequenceCollator:
     def __init__(
         self,
         num_icds: int,
-        feature_store: str | None,
+        support_features: Any,
         query_features: Sequence[str],
         icd_features: Sequence[str],
         clip: dict[str, Any] | None = None,
     ):
         self.num_icds = num_icds
-        self.feature_store = feature_store
+        self.support_features = support_features  # a store folder (or an open store)
         self.query_features = tuple(query_features)
         self.icd_features = tuple(icd_features)
         self.clip = clip  # {"model": name, "collection": path, "task": name} when trainable
@@ -139,9 +139,9 @@ class SequenceCollator:
 
     def _features(self) -> Any:
         if self._store is None:
-            from leverlm.lever.generate import open_feature_store
+            from leverlm.encoders.store import open_store
 
-            self._store = open_feature_store(self.feature_store)
+            self._store = open_store(self.support_features)
         return self._store
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -259,8 +259,8 @@ class LeverLMDataModule(L.LightningDataModule):
 
     Args:
         gt_dir: a ``leverlm-gt`` folder (manifest.json + records.jsonl).
-        features: the supporting set's feature store (frozen CLIP); default: a store recorded
-            in the gt manifest under ``features`` if any.
+        support_features: the supporting set's feature store (frozen CLIP), built for the gt
+            dataset's supporting set (checked by its manifest sha256).
         supporting_set: the supporting-set collection; default: the gt manifest's
             ``supporting_set.path``. Needed for trainable CLIP and for images in the
             decoded-sequence table.
@@ -276,7 +276,7 @@ class LeverLMDataModule(L.LightningDataModule):
     def __init__(
         self,
         gt_dir: str,
-        features: str | None = None,
+        support_features: str | None = None,
         supporting_set: str | None = None,
         batch_size: int = 64,
         val_fraction: float = 0.1,
@@ -307,28 +307,23 @@ class LeverLMDataModule(L.LightningDataModule):
         ss_path = supporting_set or ss.get("path") or None
         # absolute, so a checkpoint still finds it from another working directory
         self.supporting_set_path: str | None = os.path.abspath(ss_path) if ss_path else None
-        self.batch_size = batch_size
-        self.val_fraction = val_fraction
-        self.seed = seed
-        self.score_threshold = score_threshold
-        self.sequence_order = sequence_order
+        self.batch_size, self.val_fraction, self.seed = batch_size, val_fraction, seed
+        self.score_threshold, self.sequence_order = score_threshold, sequence_order
         self.num_workers = num_workers
-        self.clip_trainable = clip_trainable
-        self.clip_model = clip_model
-        self.feature_store_path: str | None = None
+        self.clip_trainable, self.clip_model = clip_trainable, clip_model
+        self.supporting_set_sha256: str | None = ss.get("manifest_sha256")
+        self.support_features_path: str | None = None
         self.feature_dim: int | None = None
         self._store: Any = None
         if not clip_trainable:
-            store_path = features or self.manifest.get("features")
-            if store_path is None:
+            if support_features is None:
                 if query_features or icd_features:
                     raise ValueError(
-                        "data.features is required: the model reads CLIP features "
-                        f"(query {query_features}, ICD {icd_features}) and {self.gt_dir}'s "
-                        "manifest records no feature store"
+                        "data.support_features is required: the model reads CLIP features "
+                        f"(query {query_features}, ICD {icd_features})"
                     )
             else:
-                self._open_store(str(store_path))
+                self._open_store(str(support_features))
         elif self.supporting_set_path is None:
             raise ValueError(
                 "data.supporting_set is required with clip_trainable (images are streamed)"
@@ -340,19 +335,16 @@ class LeverLMDataModule(L.LightningDataModule):
         self.val_dataset: GtSequenceDataset | None = None
 
     def _open_store(self, path: str) -> None:
-        from leverlm.lever.generate import open_feature_store
+        from leverlm.encoders.store import open_store
 
-        store = open_feature_store(path)
-        rows = len(store.image) if getattr(store, "image", None) is not None else len(store.text)
-        if rows != self.num_icds:
-            raise ValueError(
-                f"feature store {path} has {rows} rows, but gt dataset {self.gt_dir} has a "
-                f"supporting set of {self.num_icds}: features of another collection?"
-            )
-        self._store = store
-        self.feature_store_path = os.path.abspath(path)
-        arr = store.image if getattr(store, "image", None) is not None else store.text
-        self.feature_dim = int(arr.shape[1])
+        self._store = open_store(
+            path,
+            self.supporting_set_path,
+            sha256=self.supporting_set_sha256,
+            what="data.support_features",
+        )
+        self.support_features_path = os.path.abspath(path)
+        self.feature_dim = int(self._store.image.shape[1])
 
     @property
     def store(self) -> Any:
@@ -393,7 +385,7 @@ class LeverLMDataModule(L.LightningDataModule):
             }
         return SequenceCollator(
             self.num_icds,
-            self.feature_store_path,
+            self.support_features_path,
             self.query_features,
             self.icd_features,
             clip=clip,

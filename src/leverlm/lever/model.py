@@ -18,8 +18,9 @@ learnt about one ICD carries over to the unseen ones (useful when the gt data co
 part of a large supporting set). It needs the supporting set's features at every forward:
 :meth:`LeverLMModel.set_output_bank`.
 
-Style follows nanoGPT: a dataclass config, shape comments,
-``forward(tokens, ..., targets) -> (logits, loss)``, and ``generate``.
+Style follows nanoGPT: a dataclass config, shape comments and
+``forward(tokens, ..., targets) -> (logits, loss)``; the decoders (greedy, beam, reference)
+that choose ICDs with it are in :mod:`leverlm.lever.decode`.
 """
 
 from __future__ import annotations
@@ -435,25 +436,3 @@ class LeverLMModel(nn.Module):
         """Incremental decoding: feed new tokens (B, T) after ``state``; last logits (B, V)."""
         h, state = self.backbone(self.embed(tokens, query_feats, icd_feats), state, use_cache=True)
         return self.logits(h[:, -1, :]), state
-
-    @torch.no_grad()
-    def generate(
-        self,
-        query_feats: Features,
-        icd_bank: Features,
-        shots: int,
-        beam_size: int = 1,
-        exclude: list[list[int]] | None = None,
-    ) -> Tensor:
-        """Choose ``shots`` ICDs for each query: (B, shots) positions, in prompt order.
-
-        query_feats {m: (B, D)}; icd_bank {m: (N, D)} the supporting set's features by position.
-        Greedy (beam_size 1) or beam search, KV-cached, no repeats *per query*; see
-        :mod:`leverlm.lever.generate`.
-        """
-        from leverlm.lever.generate import FeatureBank, beam_decode, greedy_decode
-
-        bank = FeatureBank(icd_bank)
-        if beam_size == 1:
-            return greedy_decode(self, query_feats, bank, shots, exclude=exclude)
-        return beam_decode(self, query_feats, bank, shots, beam_size, exclude=exclude)

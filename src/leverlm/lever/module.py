@@ -46,8 +46,9 @@ class LeverLMModule(L.LightningModule):
         clip_model / clip_pretrained: its open_clip name and local checkpoint (None = random).
         clip_lr: learning rate of the CLIP parameters (default: ``lr``).
         warmup_ratio: linear warmup over this fraction of all steps, then cosine to 0.
-        feature_store / supporting_set / task: recorded in the checkpoint (linked by the CLI)
-            so decoding finds the features and images without extra flags.
+        support_features / supporting_set / supporting_set_sha256 / task: recorded in the
+            checkpoint (linked by the CLI) so decoding finds the features and images without
+            extra flags, and checks that a store given instead was built for that collection.
         table_rows: queries decoded each validation epoch into a wandb table (0 = none).
     """
 
@@ -74,8 +75,9 @@ class LeverLMModule(L.LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 1e-3,
         warmup_ratio: float = 0.05,
-        feature_store: str | None = None,
+        support_features: str | None = None,
         supporting_set: str | None = None,
+        supporting_set_sha256: str | None = None,
         task: str | None = None,
         table_rows: int = 4,
     ):
@@ -102,7 +104,7 @@ class LeverLMModule(L.LightningModule):
         elif feature_dim is None:
             if query_features or icd_features or output_features:
                 raise ValueError(
-                    "model.feature_dim is unknown: give data.features (a feature store) or "
+                    "model.feature_dim is unknown: give data.support_features (a feature store) or "
                     "model.feature_dim, or use indices only (empty query/icd_features)"
                 )
             feature_dim = n_embd
@@ -159,7 +161,7 @@ class LeverLMModule(L.LightningModule):
         bank = model.output_bank
         if bank is not None and all(t.device == self.device for t in bank.values()):
             return
-        from leverlm.lever.generate import FeatureBank
+        from leverlm.lever.decode import FeatureBank
 
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         store = getattr(dm, "store", None)
@@ -169,7 +171,7 @@ class LeverLMModule(L.LightningModule):
                 return
             raise ValueError(
                 "model.output_features needs the supporting set's features: train with a "
-                "data module that has a feature store (data.features), or call "
+                "data module that has a feature store (data.support_features), or call "
                 "model.set_output_bank(...)"
             )
         feats = FeatureBank.from_store(store, self.config.output_features, device=self.device)
@@ -233,8 +235,9 @@ class LeverLMModule(L.LightningModule):
         hp = self.hparams
         checkpoint["leverlm_config"] = self.config.to_dict()
         checkpoint["leverlm_info"] = {
-            "feature_store": hp.feature_store,
+            "support_features": hp.support_features,
             "supporting_set": hp.supporting_set,
+            "supporting_set_sha256": hp.supporting_set_sha256,
             "task": hp.task,
             "clip_trainable": bool(hp.clip_trainable),
             "clip_model": hp.clip_model,
@@ -267,7 +270,7 @@ class LeverLMModule(L.LightningModule):
         """A few validation queries decoded greedily: (columns, rows) with images if available."""
         import numpy as np
 
-        from leverlm.lever.generate import FeatureBank, greedy_decode
+        from leverlm.lever.decode import FeatureBank, greedy_decode
 
         dm = getattr(self.trainer, "datamodule", None)
         if (
@@ -353,7 +356,9 @@ def _result_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-_LINKED = ("num_icds", "feature_dim", "feature_store", "supporting_set", "task")
+_LINKED = (
+    "num_icds", "feature_dim", "support_features", "supporting_set", "supporting_set_sha256", "task",
+)  # fmt: skip
 CHECKPOINTS = "checkpoints"
 
 
@@ -378,8 +383,9 @@ class LeverLMCLI(LightningCLI):
         for src, dst in (
             ("num_icds", "num_icds"),
             ("feature_dim", "feature_dim"),
-            ("feature_store_path", "feature_store"),
+            ("support_features_path", "support_features"),
             ("supporting_set_path", "supporting_set"),
+            ("supporting_set_sha256", "supporting_set_sha256"),
             ("task", "task"),
         ):
             parser.link_arguments(f"data.{src}", f"model.{dst}", apply_on="instantiate")

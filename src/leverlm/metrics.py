@@ -362,20 +362,25 @@ def _check_caption_inputs(
         raise MetricError("cider: predictions and references must be dicts keyed by sample")
     if len(predictions) == 0:
         raise MetricError("cider: no predictions to score")
-    missing = [k for k in predictions if k not in references]
-    extra = [k for k in references if k not in predictions]
-    if missing or extra:
-        raise MetricError(
-            f"cider: keys differ: {len(missing)} predictions without references "
-            f"(e.g. {missing[:3]!r}), {len(extra)} references without predictions "
-            f"(e.g. {extra[:3]!r})"
-        )
+    keys = _matched_keys(predictions, references, "cider: ")
     for k, pred in predictions.items():
         if not isinstance(pred, str):
             raise MetricError(f"cider: prediction for key {k!r} is not a string: {pred!r}")
         _check_strings(references[k], f"cider: key {k!r}", "references")
-    # Sorted so summation order (and so the last bits of the score) never depends on how the
-    # caller happened to build its dicts.
+    return keys
+
+
+def _matched_keys(predictions: Mapping, references: Mapping, where: str = "") -> list:
+    """The keys of both dicts, sorted: summation order (and so the last bits of a score) never
+    depends on how the caller built its dicts. A key on one side only is an error."""
+    missing = [k for k in predictions if k not in references]
+    extra = [k for k in references if k not in predictions]
+    if missing or extra:
+        raise MetricError(
+            f"{where}keys differ: {len(missing)} predictions without references "
+            f"(e.g. {missing[:3]!r}), {len(extra)} references without predictions "
+            f"(e.g. {extra[:3]!r})"
+        )
     return sorted(predictions, key=lambda k: (type(k).__name__, str(k)))
 
 
@@ -434,14 +439,7 @@ def _aligned(
         raise MetricError("predictions and references must both be dicts or both be lists")
     if isinstance(predictions, Mapping):
         assert isinstance(references, Mapping)
-        missing = [k for k in predictions if k not in references]
-        extra = [k for k in references if k not in predictions]
-        if missing or extra:
-            raise MetricError(
-                f"keys differ: predictions without references {missing[:3]!r}, "
-                f"references without predictions {extra[:3]!r}"
-            )
-        keys = sorted(predictions, key=lambda k: (type(k).__name__, str(k)))
+        keys = _matched_keys(predictions, references)
         return keys, [predictions[k] for k in keys], [references[k] for k in keys]
     if len(predictions) != len(references):
         raise MetricError(f"{len(predictions)} predictions but {len(references)} references")

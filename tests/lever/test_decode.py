@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from leverlm.lever.generate import FeatureBank, beam_decode, greedy_decode, reference_decode
+from leverlm.lever.decode import FeatureBank, beam_decode, greedy_decode, reference_decode
 from leverlm.lever.model import LeverLMConfig, LeverLMModel
 
 
