@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM ?= false
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint format demo demo-models gt-data train eval report bench clean
+.PHONY: help install test test-fast lint format demo demo-models gt-data train eval report bench clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -36,6 +36,9 @@ install: $(STAMP) ## create .venv and install leverlm (idempotent)
 
 test: install ## run the test suite
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install ## the unit tests only (no end-to-end job runs), under a minute
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: install ## ruff check + format check
 	$(VENV)/bin/ruff check src tests tools

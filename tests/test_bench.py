@@ -29,6 +29,7 @@ def test_train_bench_runs_both_paths():
     assert rec["speedup"] == pytest.approx(rec["store_seq_per_s"] / rec["clip_seq_per_s"], rel=0.05)
 
 
+@pytest.mark.slow
 def test_bench_options_are_checked_and_threads_restored():
     import torch
 

@@ -27,6 +27,9 @@ from leverlm.encoders.job import FeatureDataModule, WorkPlan, read_units
 from leverlm.encoders.store import MANIFEST
 from leverlm.utils import sha256_file
 
+# End-to-end runs of a job (subprocesses, DDP, kills): not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 TINY = ROOT / "conf" / "encoder" / "tiny-clip.yaml"
 N = 13  # rows, all distinct; with batch size 4: image batches 0-3 of 4, 4, 4, 1 units, then
 # text batches 4-7 likewise

@@ -23,6 +23,9 @@ from leverlm.cli import main as cli_main
 from leverlm.gt.data import read_gt
 from leverlm.gt.samplers import RandomSampler, select_anchors
 
+# End-to-end runs of a job (subprocesses, DDP, kills): not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 NUM_SAMPLES = 24
 NUM_ANCHORS = 11  # odd: the 2-rank split is uneven
 K = 8

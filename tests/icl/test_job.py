@@ -26,6 +26,9 @@ from helpers.eval_world import NUM_QUERIES, NUM_SUPPORT, build_world, feature_st
 from leverlm.cli import main as cli_main
 from leverlm.icl.job import EvalDataModule, EvalModule
 
+# End-to-end runs of a job (subprocesses, DDP, kills): not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 LIMIT = 10
 BATCH = 4
 SHOTS = [1, 2, 3]

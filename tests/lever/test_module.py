@@ -17,6 +17,9 @@ from leverlm.encoders.store import FeatureStoreError
 from leverlm.lever.module import main as train_main
 from leverlm.utils import sha256_file
 
+# End-to-end runs of a job (subprocesses, DDP, kills): not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 EXPERIMENTS = sorted(ROOT.glob("experiments/*/lever_*.yaml"))
 PAPER = (
     "coco/lever_openflamingo.yaml",

@@ -37,6 +37,9 @@ from tools.demo_models.lvlm import (
     train_lvlm,
 )
 
+# End-to-end runs of a job (subprocesses, DDP, kills): not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 # A very small demo LVLM: the code paths of the real one in milliseconds.
 SMALL = LVLMArch(
     vision_hidden=32,

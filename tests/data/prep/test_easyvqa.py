@@ -113,6 +113,7 @@ def full(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return prep_easyvqa(tmp_path_factory.mktemp("easyvqa"), progress=False)
 
 
+@pytest.mark.slow
 def test_full_prep_exact_counts(full: dict[str, Path]) -> None:
     counts = {name: len(Collection(path)) for name, path in full.items()}
     assert counts == {
@@ -126,6 +127,7 @@ def test_full_prep_exact_counts(full: dict[str, Path]) -> None:
         assert Collection(path).task == ("vqa" if "-vqa-" in name else "caption")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_full_prep_fields(full: dict[str, Path], split: str) -> None:
     texts, answers, ids = getattr(easy_vqa, f"get_{split}_questions")()
@@ -170,6 +172,7 @@ def test_full_prep_fields(full: dict[str, Path], split: str) -> None:
     assert sample["image"].mode == "RGB" and sample["image"].size == (64, 64)
 
 
+@pytest.mark.slow
 def test_rerun_is_noop(full: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     root = next(iter(full.values())).parent
     stamps = {p: p.stat().st_mtime_ns for path in full.values() for p in path.iterdir()}
