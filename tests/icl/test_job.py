@@ -561,3 +561,17 @@ def test_demo_config_runs_on_tiny_data(world, tmp_path):
             same = sum(support.fields(i)["answer"] == answer for i in range(len(support)))
             icds = p["icd_positions"][len(p["icd_positions"]) - min(same, p["shots"]) :]
             assert all(support.fields(i)["answer"] == answer for i in icds)
+
+
+def test_lever_checkpoint_of_another_same_size_supporting_set_is_refused(
+    world, tmp_path, capsys, no_model_load
+):
+    from helpers.eval_world import lever_checkpoint
+
+    other = lever_checkpoint(
+        tmp_path / "other.ckpt", world.support_store, supporting_set_sha256="f" * 64
+    )
+    args = ["--data.retrievers.lever_lm.checkpoint", str(other)]
+    assert _run(world.cfg, tmp_path / "bad", *args) == 2
+    err = capsys.readouterr().err
+    assert "it was trained on another supporting set" in err and "ffffffffffff" in err

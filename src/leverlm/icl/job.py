@@ -869,6 +869,13 @@ def _check_lever(
             f"{where}: its vocabulary has {config.get('num_icds')} ICDs but the supporting set "
             f"{support['path']} has {support['num_samples']} samples"
         )
+    trained_on = info.get("supporting_set_sha256")
+    if trained_on and trained_on != support["manifest_sha256"]:
+        raise EvalConfigError(
+            f"{where}: it was trained on another supporting set (manifest sha256 "
+            f"{trained_on[:12]}...) than data.supporting_set {support['path']} "
+            f"({support['manifest_sha256'][:12]}...)"
+        )
     wants_queries = bool(config.get("query_features"))
     if wants_queries and not (
         spec.kwargs.get("query_features")
