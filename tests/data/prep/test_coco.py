@@ -9,11 +9,16 @@ from pathlib import Path
 import pytest
 from helpers.collection_data import leftovers, make_coco_official, make_karpathy, write_image
 
+from leverlm.cli import main as cli_main
 from leverlm.cli import main as leverlm_main
 from leverlm.data.collection import Collection
-from leverlm.data.prep.cli import main
 from leverlm.data.prep.coco import prep_coco
 from leverlm.data.prep.common import PrepError
+
+
+def main(argv: list[str]) -> int:
+    """``leverlm prep ...`` through the command's dispatcher (errors: one line, exit 2)."""
+    return cli_main(["prep", *argv])
 
 
 @pytest.mark.parametrize("year", [2014, 2017])
@@ -191,9 +196,9 @@ def test_bad_input_fails_cleanly(
     raw = make_coco_official(tmp_path / "raw")
     mutate(raw)
     argv = ["coco", "--captions", str(raw["captions"]), "--images", str(raw["images"])]
-    assert main([*argv, "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    assert main([*argv, "--out", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("leverlm prep: error: ")
+    assert err.startswith("error: ")
     assert re.search(message, err), err
     assert leftovers(tmp_path / "out") == []
 

@@ -13,8 +13,8 @@ import pytest
 from helpers.collection_data import leftovers
 from PIL import Image
 
+from leverlm.cli import main as cli_main
 from leverlm.data.collection import Collection
-from leverlm.data.prep.cli import main
 from leverlm.data.prep.common import PrepError
 from leverlm.data.prep.easyvqa import (
     COLORS,
@@ -24,6 +24,12 @@ from leverlm.data.prep.easyvqa import (
     prep_easyvqa,
     question_type,
 )
+
+
+def main(argv: list[str]) -> int:
+    """``leverlm prep ...`` through the command's dispatcher (errors: one line, exit 2)."""
+    return cli_main(["prep", *argv])
+
 
 CAPTION_FORMS = (
     {"a shape"}
@@ -258,10 +264,10 @@ def test_bad_input_fails_cleanly(
     data = _tiny_data(tmp_path / "data")
     mutate(data)
     assert (
-        main(["easyvqa", "--data_dir", str(data), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+        main(["easyvqa", "--data_dir", str(data), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     )
     err = capsys.readouterr().err
-    assert err.startswith("leverlm prep: error: ") and re.search(message, err), err
+    assert err.startswith("error: ") and re.search(message, err), err
     # questions are parsed and every image read before the first collection is written
     assert leftovers(tmp_path / "out") == []
 

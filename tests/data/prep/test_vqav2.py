@@ -9,10 +9,15 @@ from pathlib import Path
 import pytest
 from helpers.collection_data import leftovers, make_vqav2
 
+from leverlm.cli import main as cli_main
 from leverlm.data.collection import Collection
-from leverlm.data.prep.cli import main
 from leverlm.data.prep.common import PrepError
 from leverlm.data.prep.vqav2 import prep_vqav2
+
+
+def main(argv: list[str]) -> int:
+    """``leverlm prep ...`` through the command's dispatcher (errors: one line, exit 2)."""
+    return cli_main(["prep", *argv])
 
 
 def _argv(raw: dict, out: Path, *extra: str) -> list[str]:
@@ -141,19 +146,19 @@ def test_bad_input_fails_cleanly(
 ) -> None:
     raw = make_vqav2(tmp_path / "raw")
     mutate(raw)
-    assert main(_argv(raw, tmp_path / "out")) == 1
+    assert main(_argv(raw, tmp_path / "out")) == 2
     err = capsys.readouterr().err
-    assert err.startswith("leverlm prep: error: ") and re.search(message, err), err
+    assert err.startswith("error: ") and re.search(message, err), err
     assert leftovers(tmp_path / "out") == []
 
 
-def test_truncated_jpeg_needs_full_verify(
+def test_a_truncated_jpeg_is_caught_by_default(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     raw = make_vqav2(tmp_path / "raw")
     image = raw["images"] / "COCO_val2014_000000000009.jpg"
     image.write_bytes(image.read_bytes()[:-200])
-    assert main(_argv(raw, tmp_path / "out", "--verify", "full")) == 1
+    assert main(_argv(raw, tmp_path / "out")) == 2
     assert re.search(r"corrupt or unsupported image .*000000000009.jpg", capsys.readouterr().err)
     assert leftovers(tmp_path / "out") == []
 
@@ -176,14 +181,14 @@ def test_output_holding_another_collection(
     out = tmp_path / "out"
     assert main(_argv(raw, out)) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert main(_argv(raw, out, "--limit", "2")) == 1
+    assert main(_argv(raw, out, "--limit", "2")) == 2
     assert "already holds a different collection" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]  # no temp folders
     # a folder that is not a collection at all
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
-    assert main(_argv(raw, tmp_path / "mine")) == 1
+    assert main(_argv(raw, tmp_path / "mine")) == 2
     assert "exists and is not a collection" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 

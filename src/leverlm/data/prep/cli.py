@@ -13,9 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from leverlm.data.collection import CollectionError
 from leverlm.data.prep import prep_coco, prep_easyvqa, prep_vqav2
-from leverlm.data.prep.common import REENCODE_CHOICES, VERIFY_CHOICES, PrepError, PrepOptions
+from leverlm.data.prep.common import REENCODE_CHOICES, VERIFY_CHOICES, PrepOptions
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -103,11 +102,7 @@ def _run(args: argparse.Namespace) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``leverlm prep``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        written = _run(args)
-    except (PrepError, CollectionError) as err:
-        print(f"leverlm prep: error: {err}", file=sys.stderr)
-        return 1
+    written = _run(args)
     from leverlm.data.collection import read_manifest
 
     for name, path in written.items():

@@ -73,8 +73,9 @@ class PrepOptions:
         skip_missing: skip (and count in the manifest) missing or corrupt images instead of
             failing.
         reencode: ``none`` keeps the source bytes; ``jpg``/``png`` decode to RGB and re-encode.
-        verify: ``header`` (PIL identify + verify: catches non-images and broken structure,
-            cheap) or ``full`` (decode every image: also catches truncated pixel data).
+        verify: ``full`` (decode every image: also catches truncated pixel data, so no job
+            meets a damaged image later) or ``header`` (PIL identify + verify: catches
+            non-images and broken structure, faster).
         overwrite: replace a different existing collection.
         progress: a progress bar and status lines on stderr.
     """
@@ -85,7 +86,7 @@ class PrepOptions:
     shard_bytes: int = DEFAULT_SHARD_BYTES
     skip_missing: bool = False
     reencode: str = "none"
-    verify: str = "header"
+    verify: str = "full"
     overwrite: bool = False
     progress: bool = True
 
@@ -231,7 +232,7 @@ class ImageReader:
             image with many questions, is read once; None keeps all.
     """
 
-    def __init__(self, reencode: str = "none", verify: str = "header", cache_size: int | None = 16):
+    def __init__(self, reencode: str = "none", verify: str = "full", cache_size: int | None = 16):
         self.reencode, self.verify, self.cache_size = reencode, verify, cache_size
         self._cache: OrderedDict[Path, tuple[bytes, str] | PrepError] = OrderedDict()
         self.files_read = 0
