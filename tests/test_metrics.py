@@ -8,6 +8,8 @@ import pytest
 
 from leverlm import metrics
 from leverlm.metrics import (
+    VQA_CONTRACTIONS,
+    VQA_NUMBER_WORDS,
     MetricError,
     cider,
     compute_metric,
@@ -47,7 +49,7 @@ def test_normalize_vqa_answer_official_rules(raw: str, normalised: str) -> None:
 
 
 def test_vqa_accuracy_hand_computed() -> None:
-    assert vqa_accuracy("Two", ["2"] * 10) == 1.0
+    assert vqa_accuracy("Two", ["2"] * 10, variant="authors") == 1.0
     # k of 10 humans: leaving out one of the k matching answers leaves k-1, else k.
     for k in range(11):
         expected = (k * min(1.0, (k - 1) / 3) + (10 - k) * min(1.0, k / 3)) / 10
@@ -63,17 +65,87 @@ def test_vqa_accuracy_hand_computed() -> None:
 def test_vqa_accuracy_batch_is_percent_mean() -> None:
     preds = ["Two", "cat", "no"]
     answers = [["2"] * 10, ["cat"] * 2 + ["dog"] * 8, ["yes"] * 10]
-    assert vqa_accuracy_batch(preds, answers) == pytest.approx(100 * (1.0 + 0.6 + 0.0) / 3)
-    assert vqa_accuracy_batch(["Two"], [["2"] * 10]) == 100.0
+    assert vqa_accuracy_batch(preds, answers) == pytest.approx(100 * (0.0 + 0.6 + 0.0) / 3)
+    both = vqa_accuracy_batch(preds, answers, variant="authors")
+    assert both == pytest.approx(100 * (1.0 + 0.6 + 0.0) / 3)
+    assert vqa_accuracy_batch(["Two"], [["2"] * 10], variant="authors") == 100.0
 
 
-def test_vqa_references_treated_as_official_script() -> None:
-    # Unanimous references are compared as they are (they are pre-normalised in VQAv2) ...
-    assert vqa_accuracy("yes", ["yes."] * 10) == 0.0
-    # ... unless asked to normalise them too.
-    assert vqa_accuracy("yes", ["yes."] * 10, normalize_references=True) == 1.0
-    # Disagreeing references get the punctuation rule.
-    assert vqa_accuracy("yes", ["yes."] * 5 + ["no"] * 5) == 1.0
+@pytest.mark.parametrize(
+    ("answers", "prediction", "official", "authors"),
+    [
+        (["yes"] * 10, "Yes", 0.0, 1.0),  # unanimous: the official script compares raw text
+        (["yes"] * 10, "yes.", 0.0, 1.0),
+        (["2"] * 10, "two", 0.0, 1.0),
+        (["a dog"] * 10, "dog", 0.0, 1.0),
+        (["yes"] * 9 + ["yeah"], "Yes", 1.0, 1.0),  # disagreement: both normalise
+        (["dog"] * 9 + ["Dog"], "the dog", 1.0, 1.0),
+        (["yes"] * 10, "  yes\n", 1.0, 1.0),  # whitespace is always trimmed
+    ],
+)
+def test_vqa_variants_official_script_and_authors(answers, prediction, official, authors) -> None:
+    assert vqa_accuracy(prediction, answers) == official  # the default is the official script
+    assert vqa_accuracy(prediction, answers, variant="authors") == authors
+    with pytest.raises(MetricError, match="unknown VQA accuracy variant 'x'"):
+        vqa_accuracy(prediction, answers, variant="x")
+
+
+def _official_vqa_eval(prediction: str, answers: list[str]) -> float:
+    """One question of GT-Vision-Lab/VQA ``vqaEval.py`` (2021), transcribed for this test."""
+    import re as _re
+
+    punct = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
+             "@", "`", ",", "?", "!"]  # fmt: skip
+    comma_strip = _re.compile(r"(\d)(\,)(\d)")
+    period_strip = _re.compile(r"(?!<=\d)(\.)(?!\d)")
+
+    def process_punctuation(in_text: str) -> str:
+        out_text = in_text
+        for p in punct:
+            if (p + " " in in_text or " " + p in in_text) or (
+                _re.search(comma_strip, in_text) is not None
+            ):
+                out_text = out_text.replace(p, "")
+            else:
+                out_text = out_text.replace(p, " ")
+        return period_strip.sub("", out_text, _re.UNICODE)
+
+    manual_map = dict(VQA_NUMBER_WORDS)
+
+    def process_digit_article(in_text: str) -> str:
+        out = []
+        for word in in_text.lower().split():
+            word = manual_map.setdefault(word, word)
+            if word not in ("a", "an", "the"):
+                out.append(word)
+        return " ".join(VQA_CONTRACTIONS.get(w, w) for w in out)
+
+    gts = [{"answer": a.replace("\n", " ").replace("\t", " ").strip(), "answer_id": i + 1}
+           for i, a in enumerate(answers)]  # fmt: skip
+    res = prediction.replace("\n", " ").replace("\t", " ").strip()
+    if len({g["answer"] for g in gts}) > 1:
+        for g in gts:
+            g["answer"] = process_digit_article(process_punctuation(g["answer"]))
+        res = process_digit_article(process_punctuation(res))
+    accs = []
+    for g in gts:
+        others = [item for item in gts if item != g]
+        accs.append(min(1, len([item for item in others if item["answer"] == res]) / 3))
+    return sum(accs) / len(accs)
+
+
+def test_vqa_accuracy_is_the_official_script_on_random_answers() -> None:
+    rng = random.Random(1)
+    vocab = ["yes", "Yes", "no", "2", "two", "Yes.", "red", "a red", "black/white", "dont",
+             "3.5", "the dog", "dog", "1,000", "a.b.c.d", "(left)", "won't", ""]  # fmt: skip
+    for _ in range(500):
+        answers = [rng.choice(vocab) for _ in range(10)]
+        if rng.random() < 0.3:
+            answers = [answers[0]] * 10
+        pred = rng.choice([*vocab, "blue", " yes ", "." * 40])
+        want = _official_vqa_eval(pred, answers)
+        assert vqa_accuracy(pred, answers) == pytest.approx(want, abs=1e-12), (pred, answers)
+        assert vqa_accuracy_reference(pred, answers) == pytest.approx(want, abs=1e-12)
 
 
 def test_vqa_closed_form_matches_leave_one_out_loop() -> None:
@@ -88,7 +160,9 @@ def test_vqa_closed_form_matches_leave_one_out_loop() -> None:
 
 
 def test_vqa_fewer_than_ten_answers() -> None:
-    assert vqa_accuracy("Red", ["red"]) == 1.0  # a single answer: exact match
+    assert vqa_accuracy("red", ["red"]) == 1.0  # a single answer: exact match
+    assert vqa_accuracy("Red", ["red"]) == 0.0  # unanimous: raw text, as the official script
+    assert vqa_accuracy("Red", ["red"], variant="authors") == 1.0
     assert vqa_accuracy("blue", ["red"]) == 0.0
     assert vqa_accuracy("red", ["red", "red"]) == 1.0  # unanimous always scores 1
     assert vqa_accuracy("red", ["red"] * 4) == 1.0

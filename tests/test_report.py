@@ -313,3 +313,20 @@ def test_log_report_to_disabled_wandb_logger(tmp_path, monkeypatch) -> None:
     log_report_to_logger(logger, report.rows, report.paths["png"], _samples_with_images(root))
     with pytest.raises(ReportError, match="does not exist"):
         log_report_to_logger(logger, report.rows, tmp_path / "missing.png")
+
+
+def test_the_vqa_accuracy_variant_is_chosen_recorded_and_named(tmp_path) -> None:
+    record = {
+        "query_key": "q-1", "method": "random", "shots": 1, "icd_positions": [3],
+        "prediction": "Yes", "references": ["yes"] * 10,
+    }  # fmt: skip
+    root = write_results(tmp_path / "run", [record], VQA_MANIFEST, shards=1)
+    official = write_report(root, formats="md,json")
+    assert official.rows[0].value == 0.0  # unanimous answers: raw text must match
+    assert "vqa_accuracy (%, the official VQA script)" in official.markdown
+    authors = write_report(root, formats="md,json", vqa_variant="authors")
+    assert authors.rows[0].value == 100.0
+    assert "the Lever-LM authors' variant, always normalised" in authors.markdown
+    assert json.loads((root / "report.json").read_text())["meta"]["vqa_accuracy"] == "authors"
+    (root / "manifest.json").write_text(json.dumps({**VQA_MANIFEST, "vqa_accuracy": "authors"}))
+    assert write_report(root, formats="md").rows[0].value == 100.0  # as the eval run chose

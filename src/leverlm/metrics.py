@@ -1,9 +1,15 @@
 """Evaluation metrics: VQA accuracy (official VQA rules) and CIDEr-D (COCO caption evaluation).
 
-VQA accuracy follows the official VQA evaluation script (``vqaEval.py`` of the VQA API):
-the prediction is normalised (punctuation, number words, articles, contractions) and scored
-``min(#humans who gave it / 3, 1)``, averaged over the leave-one-out subsets of the human
-answers. CIDEr goes through ``pycocoevalcap`` exactly as the COCO caption evaluation calls it,
+VQA accuracy scores ``min(#humans who gave the answer / 3, 1)``, averaged over the
+leave-one-out subsets of the human answers, after normalisation (punctuation, number words,
+articles, contractions). Two variants (:data:`VQA_VARIANTS`):
+
+* ``official`` (default): exactly the official script (``vqaEval.py`` of GT-Vision-Lab/VQA since
+  2021): prediction and answers are normalised only when the humans disagree; with unanimous
+  answers the raw (whitespace-trimmed) prediction must equal them.
+* ``authors``: the Lever-LM authors' (= open_flamingo's) copy, which always normalises both
+  sides; the paper's numbers were computed with it.
+ CIDEr goes through ``pycocoevalcap`` exactly as the COCO caption evaluation calls it,
 after PTB tokenisation (Stanford tokenizer, needs ``java``); without Java a pure-Python
 tokenizer that mimics it is used and the result says so.
 
@@ -94,8 +100,11 @@ VQA_PUNCTUATION = (
 
 # The official period rule is written "(?!<=\d)(\.)(?!\d)": its look-behind is mistyped as a
 # negative look-ahead for the literal "<=digit", so in effect a period is removed unless a digit
-# follows it ("3.5" and ".5" keep theirs, "yes." loses it). Reproduced as it behaves.
+# follows it ("3.5" and ".5" keep theirs, "yes." loses it); and its re.UNICODE lands in sub()'s
+# count argument, so at most 32 periods go. Reproduced as it behaves.
 _PERIOD_STRIP = re.compile(r"\.(?!\d)")
+_PERIOD_COUNT = 32  # re.UNICODE, passed as the count
+VQA_VARIANTS = ("official", "authors")
 _COMMA_BETWEEN_DIGITS = re.compile(r"\d,\d")
 
 
@@ -114,7 +123,7 @@ def vqa_process_punctuation(text: str) -> str:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    return _PERIOD_STRIP.sub("", out)
+    return _PERIOD_STRIP.sub("", out, count=_PERIOD_COUNT)
 
 
 def vqa_process_digit_article(text: str) -> str:
@@ -128,10 +137,13 @@ def vqa_process_digit_article(text: str) -> str:
     return " ".join(VQA_CONTRACTIONS.get(word, word) for word in words)
 
 
+def _clean(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_vqa_answer(text: str) -> str:
-    """Normalise a predicted answer as the official VQA evaluation does before matching."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return vqa_process_digit_article(vqa_process_punctuation(text))
+    """An answer as the VQA evaluation normalises it before matching."""
+    return vqa_process_digit_article(vqa_process_punctuation(_clean(text)))
 
 
 def _check_strings(values: Sequence[str], where: str, what: str = "answers") -> None:
@@ -144,33 +156,35 @@ def _check_strings(values: Sequence[str], where: str, what: str = "answers") -> 
             raise MetricError(f"{where}: {what}[{i}] = {value!r} is not a string")
 
 
-def vqa_accuracy(
-    prediction: str, answers: Sequence[str], *, normalize_references: bool = False
-) -> float:
-    """VQA accuracy of one prediction in [0, 1]: ``min(#matching humans / 3, 1)`` averaged over
-    the leave-one-out subsets of the human answers.
+def _check_variant(variant: str) -> None:
+    if variant not in VQA_VARIANTS:
+        raise MetricError(f"unknown VQA accuracy variant {variant!r}; choose one of {VQA_VARIANTS}")
 
-    The prediction gets the full official normalisation. References are treated as the official
-    script treats them: VQAv2 annotations are already normalised, so they only get the
-    punctuation rule, and only when the humans disagree. ``normalize_references=True`` applies
-    the full normalisation to them too (for answer sets that were never normalised).
 
-    With the usual 10 answers this is exactly the official score (e.g. 2 of 10 matching ->
+def _vqa_sides(prediction: str, answers: Sequence[str], variant: str) -> tuple[str, list[str]]:
+    """Prediction and references as the variant compares them."""
+    pred, refs = _clean(prediction), [_clean(a) for a in answers]
+    if variant == "authors" or len(set(refs)) > 1:
+        return vqa_process_digit_article(vqa_process_punctuation(pred)), [
+            vqa_process_digit_article(vqa_process_punctuation(r)) for r in refs
+        ]
+    return pred, refs
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], *, variant: str = "official") -> float:
+    """VQA accuracy of one prediction in [0, 1] (see the module docstring for ``variant``).
+
+    With VQAv2's 10 answers this is exactly the official score (e.g. 2 of 10 matching ->
     (2 * 1/3 + 8 * 2/3) / 10 = 0.6). With ``n < 10`` answers the same leave-one-out average is
     taken over the ``n`` subsets of ``n - 1`` answers, with the "3 humans" threshold lowered to
     ``n - 1`` when fewer than 3 others remain, so that a unanimous answer always scores 1;
-    a single answer (``n == 1``) is an exact match after normalisation.
+    a single answer (``n == 1``) is an exact match.
     """
     if not isinstance(prediction, str):
         raise MetricError(f"vqa_accuracy: prediction {prediction!r} is not a string")
     _check_strings(answers, "vqa_accuracy")
-    pred = normalize_vqa_answer(prediction)
-    if normalize_references:
-        refs = [normalize_vqa_answer(a) for a in answers]
-    elif len(set(answers)) > 1:
-        refs = [vqa_process_punctuation(a) for a in answers]
-    else:
-        refs = list(answers)
+    _check_variant(variant)
+    pred, refs = _vqa_sides(prediction, answers, variant)
     n = len(refs)
     matches = sum(ref == pred for ref in refs)
     if n == 1:
@@ -183,11 +197,13 @@ def vqa_accuracy(
     return total / n
 
 
-def vqa_accuracy_reference(prediction: str, answers: Sequence[str]) -> float:
-    """Straightforward leave-one-out loop (the official formulation) for parity tests."""
+def vqa_accuracy_reference(
+    prediction: str, answers: Sequence[str], *, variant: str = "official"
+) -> float:
+    """The official script's loop, written out (10 answers): for each human answer left out,
+    ``min(1, #other answers equal to the prediction / 3)``; the mean."""
     _check_strings(answers, "vqa_accuracy_reference")
-    pred = normalize_vqa_answer(prediction)
-    refs = [vqa_process_punctuation(a) for a in answers] if len(set(answers)) > 1 else answers
+    pred, refs = _vqa_sides(prediction, answers, variant)
     scores = []
     for left_out in range(len(refs)):
         others = [ref for i, ref in enumerate(refs) if i != left_out]
@@ -199,7 +215,7 @@ def vqa_accuracy_batch(
     predictions: Sequence[str],
     answers_list: Sequence[Sequence[str]],
     *,
-    normalize_references: bool = False,
+    variant: str = "official",
 ) -> float:
     """Mean VQA accuracy in percent (0-100, as in the paper's tables)."""
     if len(predictions) != len(answers_list):
@@ -212,7 +228,7 @@ def vqa_accuracy_batch(
     total = 0.0
     for i, (pred, answers) in enumerate(zip(predictions, answers_list)):
         try:
-            total += vqa_accuracy(pred, answers, normalize_references=normalize_references)
+            total += vqa_accuracy(pred, answers, variant=variant)
         except MetricError as err:
             raise MetricError(f"sample {i}: {err}") from None
     return 100.0 * total / len(predictions)
@@ -450,6 +466,8 @@ def compute_metric(
     task_metric_name: str,
     predictions: Mapping[K, str] | Sequence[str],
     references: Mapping[K, Sequence[str]] | Sequence[Sequence[str]],
+    *,
+    vqa_variant: str = "official",
 ) -> float:
     """A task's metric in percent-like units: ``vqa_accuracy`` (0-100) or ``cider`` (x100).
 
@@ -459,7 +477,7 @@ def compute_metric(
         raise MetricError(f"unknown metric {task_metric_name!r}; choose one of {METRICS}")
     keys, preds, refs = _aligned(predictions, references)
     if task_metric_name == "vqa_accuracy":
-        return vqa_accuracy_batch(preds, refs)
+        return vqa_accuracy_batch(preds, refs, variant=vqa_variant)
     result = cider(dict(zip(keys, preds)), dict(zip(keys, refs)))
     if not math.isfinite(result.score):
         raise MetricError(f"cider: score is not finite ({result.score})")

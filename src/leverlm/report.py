@@ -249,8 +249,10 @@ def compute_rows(
     interpolation_max_shots: int = DEFAULT_INTERPOLATION_MAX_SHOTS,
     *,
     tokenizer: str = "auto",
+    vqa_variant: str = "official",
 ) -> tuple[list[ResultRow], dict[str, Any]]:
-    """The metric per (method, shots); returns ``(rows, info)`` (info: e.g. the tokenizer)."""
+    """The metric per (method, shots); returns ``(rows, info)`` (info: the VQA accuracy
+    variant or the CIDEr tokenizer used)."""
     from leverlm.metrics import cider_from_tokens, tokenize_captions, vqa_accuracy_batch
 
     interp = _check_interp(interpolation_max_shots)
@@ -261,9 +263,12 @@ def compute_rows(
     values: dict[tuple[str, int], float] = {}
     try:
         if results.metric == "vqa_accuracy":
+            info["vqa_accuracy"] = vqa_variant
             for gk, preds in groups.items():
                 values[gk] = vqa_accuracy_batch(
-                    [p.prediction for p in preds], [list(p.references) for p in preds]
+                    [p.prediction for p in preds],
+                    [list(p.references) for p in preds],
+                    variant=vqa_variant,
                 )
         else:
             # One tokenizer run for everything: a Java start per (method, shots) would dominate.
@@ -325,8 +330,10 @@ def format_markdown(
     interpolation_max_shots: int = DEFAULT_INTERPOLATION_MAX_SHOTS,
     *,
     metric: str | None = None,
+    info: Mapping[str, Any] | None = None,
 ) -> str:
-    """A Markdown table (methods x shots + avg, 2 decimals, '-' where not evaluated) + caption."""
+    """A Markdown table (methods x shots + avg, 2 decimals, '-' where not evaluated) + caption
+    naming the metric's definition (``info``: the VQA accuracy variant or CIDEr tokenizer)."""
     if not rows:
         raise ReportError("no result rows to format")
     labels, values, methods = _table(rows, interpolation_max_shots)
@@ -342,10 +349,24 @@ def format_markdown(
     metric = metric or rows[0].metric
     lines += [
         "",
-        f"{metric} ({'%' if metric == 'vqa_accuracy' else 'x100'}); {n_text} queries per cell; "
+        f"{metric_definition(metric, info or {})}; {n_text} queries per cell; "
         f"interp: 1-{interpolation_max_shots} shots, extrap: more; avg: mean over shots >= 1.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def metric_definition(metric: str, info: Mapping[str, Any]) -> str:
+    """How the numbers were computed, for a table's caption."""
+    if metric == "vqa_accuracy":
+        variant = info.get("vqa_accuracy", "official")
+        how = {
+            "official": "the official VQA script",
+            "authors": "the Lever-LM authors' variant, always normalised",
+        }.get(variant, variant)
+        return f"vqa_accuracy (%, {how})"
+    tok = info.get("tokenizer")
+    how = {"ptb": "PTB tokenizer", "python": "Python stand-in for the PTB tokenizer"}.get(tok, tok)
+    return f"cider (CIDEr-D x100{', ' + how if how else ''})"
 
 
 def format_csv(
@@ -456,6 +477,7 @@ def write_report(
     interpolation_max_shots: int | None = None,
     *,
     tokenizer: str = "auto",
+    vqa_variant: str | None = None,
 ) -> Report:
     """Compute the table of an eval results folder and write ``report.{md,csv,json,png}``.
 
@@ -465,6 +487,8 @@ def write_report(
     Args:
         out_dir: where to write (default: ``results_dir``).
         interpolation_max_shots: default: the manifest's ``interpolation_max_shots``, else 4.
+        vqa_variant: ``official`` / ``authors`` (default: the manifest's ``vqa_accuracy``,
+            else ``official``; see :mod:`leverlm.metrics`).
     """
     fmts = parse_formats(formats)
     results = load_results(results_dir)
@@ -473,7 +497,8 @@ def write_report(
             "interpolation_max_shots", DEFAULT_INTERPOLATION_MAX_SHOTS
         )
     interp = _check_interp(interpolation_max_shots)
-    rows, info = compute_rows(results, interp, tokenizer=tokenizer)
+    variant = vqa_variant or results.manifest.get("vqa_accuracy", "official")
+    rows, info = compute_rows(results, interp, tokenizer=tokenizer, vqa_variant=variant)
     meta = {
         "metric": results.metric,
         "interpolation_max_shots": interp,
@@ -482,7 +507,7 @@ def write_report(
         "manifest": results.manifest,
         **info,
     }
-    markdown = format_markdown(rows, interp, metric=results.metric)
+    markdown = format_markdown(rows, interp, metric=results.metric, info=info)
     payload: dict[str, bytes] = {}
     if "md" in fmts:
         payload["md"] = markdown.encode("utf-8")
@@ -679,6 +704,12 @@ def main(argv: list[str] | None = None) -> int:
         help="largest 'interp' shot count (default: manifest value, else 4)",
     )
     parser.add_argument(
+        "--vqa_accuracy",
+        choices=("official", "authors"),
+        default=None,
+        help="VQA accuracy variant (default: as the eval run chose, else official)",
+    )
+    parser.add_argument(
         "--tokenizer",
         choices=("auto", "ptb", "python"),
         default="auto",
@@ -687,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = write_report(
         args.results_dir, args.out, args.formats, args.interpolation_max_shots,
-        tokenizer=args.tokenizer,
+        tokenizer=args.tokenizer, vqa_variant=args.vqa_accuracy,
     )  # fmt: skip
     print(report.markdown, end="")
     for fmt, path in report.paths.items():

@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -776,6 +776,7 @@ def finalize_results(run: RunDir) -> Report:
         "num_predictions": len(preds),
         "trained_shots": settings["trained_shots"],
         "interpolation_max_shots": settings["interpolation_max_shots"],
+        "vqa_accuracy": settings.get("vqa_accuracy", "official"),
         "config": header.config,
         "run_sha256": header.sha256,
     }
@@ -1067,6 +1068,11 @@ class EvalJob(Job):
             "--report_formats", type=str, default="md,csv,json,png", help="report files"
         )
         parser.add_argument(
+            "--vqa_accuracy", type=Literal["official", "authors"], default="official",
+            help="VQA accuracy: the official script, or the Lever-LM authors' variant (always "
+            "normalised; the paper's numbers)",
+        )  # fmt: skip
+        parser.add_argument(
             "--log_samples", type=int, default=4, help="sample queries logged with images"
         )
         parser.link_arguments("model.task", "data.task")
@@ -1086,6 +1092,7 @@ class EvalJob(Job):
             "trained_shots": cfg["trained_shots"],
             "interpolation_max_shots": cfg["interpolation_max_shots"],
             "report_formats": list(formats),
+            "vqa_accuracy": cfg["vqa_accuracy"],
         }
         return plan_eval(cfg["data"], cfg["model"], settings)
 
