@@ -367,3 +367,37 @@ def test_another_config_in_the_run_folder_is_refused(trained, capsys):
     assert (
         "holds a `leverlm train` run with other inputs or settings (changed: config model.lr" in err
     )
+
+
+@pytest.mark.parametrize("on", ["matrices", "all"])
+def test_weight_decay_groups(on):
+    """Ours: no decay on biases and LayerNorm gains; the authors': every parameter decays."""
+    from types import SimpleNamespace
+
+    from leverlm.lever.module import LeverLMModule
+
+    module = LeverLMModule(num_icds=10, feature_dim=8, n_embd=16, n_head=2, weight_decay_on=on)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    params = {id(p): n for n, p in module.model.named_parameters()}
+    decayed = {params[id(p)] for g in groups if g["weight_decay"] == 1e-3 for p in g["params"]}
+    if on == "all":
+        assert len(groups) == 1 and decayed == set(params.values())
+    else:
+        matrices = {n for n, p in module.model.named_parameters() if p.ndim >= 2}
+        assert decayed == matrices and "gpt2.h.0.ln_1.bias" not in decayed
+        assert {params[id(p)] for p in groups[1]["params"]} == set(params.values()) - matrices
+        assert groups[1]["weight_decay"] == 0.0
+
+
+def test_train_refuses_the_query_caption_of_a_caption_task(world, tmp_path, capsys):
+    from helpers.lever_world import write_gt
+
+    from leverlm.cli import main as cli_main
+
+    cap = write_gt(tmp_path / "cap", world.sequences, num_icds=world.num_icds, task="caption")
+    args = ["train", "fit", "--config", str(ROOT / "experiments/easyvqa/lever_demo.yaml")]
+    args += ["--data.gt_dir", str(cap), "--data.support_features", str(world.store_dir)]
+    assert cli_main([*args, "--out", str(tmp_path / "run"), "--trainer.logger", "false"]) == 2
+    err = capsys.readouterr().err
+    assert "error: model.query_features=['image', 'text'] on a 'caption' task" in err
