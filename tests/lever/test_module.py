@@ -14,6 +14,7 @@ from helpers import ROOT
 from helpers.lever_world import World, make_world, write_store
 
 from leverlm.encoders.store import FeatureStoreError
+from leverlm.lever import LeverLMError
 from leverlm.lever.module import main as train_main
 from leverlm.utils import sha256_file
 
@@ -206,13 +207,13 @@ def test_select_cli_writes_keys_and_positions_atomically(trained, world, tmp_pat
     assert [x["icd_positions"] for x in lines] == expected
     # bad input fails before writing, and the existing output is left as it was
     before = out.read_bytes()
-    with pytest.raises(SystemExit, match="--shots"):
+    with pytest.raises(LeverLMError, match="--shots"):
         select_main([*args, "--shots", "0", "--out", str(out)])
     # a store of another collection, told apart by the collection's manifest sha256
     short = write_store(tmp_path / "short", world.image[:5], world.text[:5])
     with pytest.raises(FeatureStoreError, match="--query_features: feature store .* was built for"):
         select_main([*args[:-1], str(short), "--shots", "2", "--out", str(out)])
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(LeverLMError, match="does not exist"):
         select_main(["--ckpt", last + ".missing", *args[2:], "--shots", "2", "--out", str(out)])
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["selections.jsonl", "short"]

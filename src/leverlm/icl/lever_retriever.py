@@ -17,11 +17,13 @@ gt dataset folder.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from leverlm.errors import LeverError
 from leverlm.icl.retrievers import (
     Retriever,
     RetrieverError,
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from leverlm.lever.select import LeverLM
 
 Take = Literal["last", "first"]
+log = logging.getLogger("leverlm.eval")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,19 +56,26 @@ class LeverLMRetriever(Retriever):
     :meth:`prepare` decodes every query once at the largest shot count and :meth:`retrieve`
     slices. Beam search has no such prefix property: each shot count is decoded on its own.
 
+    A checkpoint with a fine-tuned CLIP (``clip_trainable``) reads no frozen-CLIP store: its
+    CLIP encodes the supporting set (cached, see :mod:`leverlm.lever.select`) and the queries
+    of ``queries``; store folders given as ``support_features``/``query_features`` (the eval
+    job passes its stores to every method, for the similarity baselines) are not used.
+
     Args:
         checkpoint: the Lever-LM ``.ckpt`` (ignored when ``lever`` is given).
         support_features: the supporting set's feature store (folder, store object or
-            ``{modality: (N, D)}``); default: the store recorded in the checkpoint (or, for a
-            checkpoint with a fine-tuned CLIP, the supporting set encoded by that CLIP).
-        query_features: the query collection's feature store (row = query ``position``);
-            may be omitted for a fine-tuned-CLIP checkpoint: the queries of ``queries`` are then
-            encoded (once each, as they are asked for) with the checkpoint's CLIP.
+            ``{modality: (N, D)}``); default: the store recorded in the checkpoint.
+        query_features: the query collection's feature store (row = query ``position``).
         queries: the query collection folder: the query store must have been built for it;
-            the queries a fine-tuned CLIP encodes.
+            the queries a fine-tuned CLIP encodes (once each, as they are asked for).
+        supporting_set: the supporting-set collection a fine-tuned CLIP encodes (default: the
+            one recorded in the checkpoint; checked against it).
+        cache_dir: where a fine-tuned CLIP's supporting-set features are cached (default:
+            ``support_features/`` beside the checkpoint).
         num_candidates: the supporting-set size, checked against the checkpoint's vocabulary.
         beam_size: 1 = greedy (the paper); more = beam search over sequences.
         batch_size: queries decoded together.
+        reverse_seq: reverse each sequence (the authors' inference option; off in the paper).
         device: torch device for decoding.
         lever: an already loaded :class:`~leverlm.lever.select.LeverLM` (tests, the API).
     """
@@ -78,9 +88,12 @@ class LeverLMRetriever(Retriever):
         support_features: Any = None,
         query_features: Any = None,
         queries: str | None = None,
+        supporting_set: str | None = None,
+        cache_dir: str | None = None,
         num_candidates: int | None = None,
         beam_size: int = 1,
         batch_size: int = 256,
+        reverse_seq: bool = False,
         device: str = "cpu",
         lever: LeverLM | None = None,
     ):
@@ -89,13 +102,29 @@ class LeverLMRetriever(Retriever):
                 raise RetrieverError("lever_lm: a checkpoint (Lever-LM .ckpt) is required")
             if not Path(checkpoint).is_file():
                 raise RetrieverError(f"lever_lm: checkpoint {checkpoint!r} does not exist")
-            from leverlm.lever.select import LeverLM
+            from leverlm.lever.select import LeverLM, checkpoint_info
 
             try:
+                if checkpoint_info(checkpoint).get("clip_trainable"):
+                    folders = (str, os.PathLike)
+                    if isinstance(support_features, folders) or isinstance(query_features, folders):
+                        log.info(
+                            "lever_lm: %s fine-tunes its CLIP, which encodes the supporting set "
+                            "and the queries (the feature stores serve the similarity baselines)",
+                            checkpoint,
+                        )
+                    if isinstance(support_features, folders):
+                        support_features = None
+                    if isinstance(query_features, folders):
+                        query_features = None
                 lever = LeverLM.from_checkpoint(
-                    checkpoint, support_features=support_features, device=device
+                    checkpoint,
+                    support_features=support_features,
+                    supporting_set=supporting_set,
+                    cache_dir=cache_dir,
+                    device=device,
                 )
-            except (ValueError, FileNotFoundError) as err:
+            except (LeverError, OSError) as err:
                 raise RetrieverError(f"lever_lm: checkpoint {checkpoint!r}: {err}") from err
         vocab = int(lever.model.config.num_icds)
         if num_candidates is not None and num_candidates != vocab:
@@ -114,7 +143,7 @@ class LeverLMRetriever(Retriever):
         super().__init__(vocab)
         self.lever, self.checkpoint, self.queries = lever, checkpoint, queries
         self.query_features = query_features
-        self.beam_size, self.batch_size = beam_size, batch_size
+        self.beam_size, self.batch_size, self.reverse_seq = beam_size, batch_size, reverse_seq
         # (position, exclusions) -> greedy sequence of the longest length decoded so far;
         # (position, exclusions, shots) -> beam-search sequence.
         self._cache: dict[tuple, list[int]] = {}
@@ -174,7 +203,7 @@ class LeverLMRetriever(Retriever):
                 query_features=source,
                 exclude=[sorted(ex) for _, ex in items],
             )
-        except (ValueError, IndexError) as err:
+        except LeverError as err:
             raise RetrieverError(f"lever_lm: {err}") from err
 
     def _items(self, queries: list[dict[str, Any]], shots: int) -> list[tuple[int, frozenset]]:
@@ -210,7 +239,8 @@ class LeverLMRetriever(Retriever):
         if shots == 0:
             return [[] for _ in queries]
         self._fill(items, shots)
-        return [list(self._cache[self._cache_key(it, shots)][:shots]) for it in items]
+        seqs = [self._cache[self._cache_key(it, shots)][:shots] for it in items]
+        return [s[::-1] if self.reverse_seq else list(s) for s in seqs]
 
 
 @register_retriever("lever_lm_shuffled")
