@@ -59,19 +59,31 @@ def test_experiment_config_parses_and_runs_a_fast_dev_run(
     args = ["fit", "--config", str(config), "--data.gt_dir", str(world.gt_dir)]
     cfg = _print_config(args, capsys)
     name = config.relative_to(ROOT / "experiments").as_posix()
-    if name in PAPER:  # the paper's training settings
-        assert cfg["model"]["lr"] == pytest.approx(1e-4)
-        assert cfg["model"]["weight_decay"] == pytest.approx(1e-3)
-        assert cfg["model"]["warmup_ratio"] == pytest.approx(0.05)
-        assert cfg["model"]["n_layer"] == 2 and cfg["model"]["n_embd"] == 512
-        assert cfg["data"]["batch_size"] == 64 and cfg["data"]["val_fraction"] == pytest.approx(0.1)
+    model, data = cfg["model"], cfg["data"]
+    if name in PAPER:  # the paper's training settings, as the authors' code runs them
+        assert model["lr"] == pytest.approx(1e-4)
+        assert model["weight_decay"] == pytest.approx(1e-3) and model["weight_decay_on"] == "all"
+        assert model["warmup_ratio"] == pytest.approx(0.05)
+        assert model["n_layer"] == 2 and model["dropout"] == pytest.approx(0.1)
+        assert model["n_embd"] == (128 if model["backbone"] == "lstm" else 512)
+        assert model["adapter_activation"] == "relu" and model["normalize_at"] == "after_adapter"
+        assert model["predict_query_token"] and model["icd_features"] == ["image", "text"]
+        assert data["batch_size"] == 64 and data["val_fraction"] == pytest.approx(0.1)
+        assert data["split"] == "sorted" and data["score_threshold"] == 0.0
         assert cfg["trainer"]["max_epochs"] == 20 and cfg["trainer"]["precision"] == "16-mixed"
-    if name.startswith("vqav2/"):
-        assert cfg["model"]["clip_trainable"] and cfg["model"]["normalize"]
-        assert cfg["model"]["query_features"] == ["image", "text"]
-    if name == "coco/lever_openflamingo.yaml":
-        assert not cfg["model"]["clip_trainable"] and not cfg["model"]["normalize"]
-        assert cfg["model"]["query_features"] == ["image"] and cfg["model"]["adapter"]
+    if name.startswith("vqav2/"):  # facts sheet 3.5: adapter off, norm on, CLIP trained
+        assert model["clip_trainable"] and model["normalize"] and not model["adapter"]
+        assert model["query_features"] == ["image", "text"]
+    if name.startswith("coco/"):  # adapter on, norm off, CLIP frozen, query image
+        assert not model["clip_trainable"] and not model["normalize"]
+        assert model["query_features"] == ["image"] and model["adapter"]
+    if name == "coco/lever_openflamingo_lstm.yaml":  # facts sheet 3.6
+        assert model["lstm_variant"] == "authors" and model["adapter_hidden"] == 128
+    if name == "easyvqa/lever_demo.yaml":  # the demo keeps today's settings (the defaults)
+        assert model["adapter_activation"] == "gelu" and model["normalize_at"] == "before_adapter"
+        assert model["weight_decay_on"] == "matrices" and not model["predict_query_token"]
+        assert model["adapter_hidden"] is None and model["lstm_variant"] == "leverlm"
+        assert data["split"] == "random" and data["score_threshold"] is None
     assert "query_features" not in cfg["data"]  # linked from the model, not set twice
     run = [
         *args,
@@ -90,7 +102,7 @@ def test_experiment_config_parses_and_runs_a_fast_dev_run(
         "--trainer.enable_progress_bar",
         "false",
     ]
-    if cfg["model"]["clip_trainable"]:
+    if model["clip_trainable"]:
         run += ["--model.clip_model", "leverlm-tiny-clip", "--model.clip_pretrained", "null"]
     else:
         run += ["--data.support_features", str(world.store_dir)]
