@@ -47,6 +47,36 @@ log = logging.getLogger("leverlm.eval")
 # ---------------------------------------------------------------------------------------------
 
 
+def _own_clip_reads_no_store(
+    checkpoint: str | None, support_features: Any, query_features: Any, queries: str | None
+) -> tuple[Any, Any]:
+    """``(support_features, query_features)`` a checkpoint reads: for a fine-tuned CLIP, no
+    store folder (its CLIP encodes the supporting set and the queries of ``queries``)."""
+    from leverlm.lever.select import checkpoint_info
+
+    if not checkpoint:
+        raise RetrieverError("lever_lm: a checkpoint (Lever-LM .ckpt) is required")
+    if not Path(checkpoint).is_file():
+        raise RetrieverError(f"lever_lm: checkpoint {checkpoint!r} does not exist")
+    if not checkpoint_info(checkpoint).get("clip_trainable"):
+        return support_features, query_features
+    folders = (str, os.PathLike)
+    if isinstance(support_features, folders) or isinstance(query_features, folders):
+        log.info(
+            "lever_lm: %s fine-tunes its CLIP, which encodes the supporting set and the "
+            "queries (the feature stores serve the similarity baselines)",
+            checkpoint,
+        )
+    support_features = None if isinstance(support_features, folders) else support_features
+    query_features = None if isinstance(query_features, folders) else query_features
+    if query_features is None and not queries:
+        raise RetrieverError(
+            "lever_lm: queries (the query collection) is required to encode the queries with "
+            "the checkpoint's fine-tuned CLIP"
+        )
+    return support_features, query_features
+
+
 @register_retriever("lever_lm")
 class LeverLMRetriever(Retriever):
     """ICDs chosen by a trained Lever-LM (prompt order: the order Lever-LM generates them).
@@ -98,28 +128,16 @@ class LeverLMRetriever(Retriever):
         lever: LeverLM | None = None,
     ):
         if lever is None:
-            if not checkpoint:
-                raise RetrieverError("lever_lm: a checkpoint (Lever-LM .ckpt) is required")
-            if not Path(checkpoint).is_file():
-                raise RetrieverError(f"lever_lm: checkpoint {checkpoint!r} does not exist")
-            from leverlm.lever.select import LeverLM, checkpoint_info
+            support_features, query_features = _own_clip_reads_no_store(
+                checkpoint, support_features, query_features, queries
+            )
+            from leverlm.lever.select import LeverLM
 
             try:
-                if checkpoint_info(checkpoint).get("clip_trainable"):
-                    folders = (str, os.PathLike)
-                    if isinstance(support_features, folders) or isinstance(query_features, folders):
-                        log.info(
-                            "lever_lm: %s fine-tunes its CLIP, which encodes the supporting set "
-                            "and the queries (the feature stores serve the similarity baselines)",
-                            checkpoint,
-                        )
-                    if isinstance(support_features, folders):
-                        support_features = None
-                    if isinstance(query_features, folders):
-                        query_features = None
                 lever = LeverLM.from_checkpoint(
                     checkpoint,
                     support_features=support_features,
+                    queries=queries,
                     supporting_set=supporting_set,
                     cache_dir=cache_dir,
                     device=device,
@@ -147,60 +165,20 @@ class LeverLMRetriever(Retriever):
         # (position, exclusions) -> greedy sequence of the longest length decoded so far;
         # (position, exclusions, shots) -> beam-search sequence.
         self._cache: dict[tuple, list[int]] = {}
-        # Queries encoded by a fine-tuned CLIP checkpoint: {modality: (n, D)}, row of a position.
-        self._encoded: dict[str, Any] | None = None
-        self._encoded_rows: dict[int, int] = {}
 
-    def _features_source(self, positions: list[int]) -> tuple[Any, Any]:
-        """(queries argument for ``select``, its ``query_features``) for ``positions``."""
-        if self.query_features is not None:
-            return positions, self.query_features
-        if self.lever.clip is None:
+    def _select(self, items: list[tuple[int, frozenset[int]]], shots: int) -> list[list[int]]:
+        if self.query_features is None and self.lever.clip is None:
             raise RetrieverError(
                 "lever_lm: query_features (the query collection's feature store) is required "
                 "for a checkpoint without a fine-tuned CLIP"
             )
-        if not self.queries:
-            raise RetrieverError(
-                "lever_lm: queries (the query collection) is required to encode the queries "
-                "with the checkpoint's fine-tuned CLIP"
-            )
-        missing = sorted({p for p in positions if p not in self._encoded_rows})
-        if missing:
-            # Each query is encoded once, by the checkpoint's CLIP; later calls gather rows.
-            import torch
-
-            from leverlm.lever.select import encode_collection
-
-            info = self.lever.info
-            fresh = encode_collection(
-                self.lever.clip,
-                info["clip_model"],
-                self.queries,
-                info.get("task"),
-                self.lever.model.config.query_features,
-                positions=missing,
-            )
-            base = len(self._encoded_rows)
-            self._encoded_rows.update({p: base + i for i, p in enumerate(missing)})
-            self._encoded = {
-                m: t if self._encoded is None else torch.cat([self._encoded[m], t])
-                for m, t in fresh.items()
-            }
-        assert self._encoded is not None
-        rows = [self._encoded_rows[p] for p in positions]
-        return {m: t[rows] for m, t in self._encoded.items()}, None
-
-    def _select(self, items: list[tuple[int, frozenset[int]]], shots: int) -> list[list[int]]:
-        positions = [pos for pos, _ in items]
-        queries, source = self._features_source(positions)
         try:
             return self.lever.select(
-                queries,
+                [pos for pos, _ in items],
                 shots=shots,
                 beam_size=self.beam_size,
                 batch_size=self.batch_size,
-                query_features=source,
+                query_features=self.query_features,
                 exclude=[sorted(ex) for _, ex in items],
             )
         except LeverError as err:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import fields
 from typing import Any, Literal
 
 import lightning as L
@@ -128,27 +129,9 @@ class LeverLMModule(L.LightningModule):
                     "model.feature_dim, or use indices only (empty query/icd_features)"
                 )
             feature_dim = n_embd
-        self.config = LeverLMConfig(
-            num_icds=num_icds,
-            backbone=backbone,
-            n_layer=n_layer,
-            n_embd=n_embd,
-            n_head=n_head,
-            n_positions=n_positions,
-            dropout=dropout,
-            feature_dim=feature_dim,
-            query_features=tuple(query_features),
-            icd_features=tuple(icd_features),
-            adapter=adapter,
-            adapter_activation=adapter_activation,
-            adapter_hidden=adapter_hidden,
-            normalize=normalize,
-            normalize_at=normalize_at,
-            lstm_variant=lstm_variant,
-            predict_query_token=predict_query_token,
-            output_features=tuple(output_features),
-            output_ids=output_ids,
-        )
+        names = {f.name for f in fields(LeverLMConfig)}
+        options = {k: v for k, v in self.hparams.items() if k in names}
+        self.config = LeverLMConfig(**{**options, "feature_dim": feature_dim})
         self.model = LeverLMModel(self.config)
         self._table_bank: Any = None
 

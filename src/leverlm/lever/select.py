@@ -53,7 +53,10 @@ def _load_checkpoint(path: str | os.PathLike, authors: bool = False) -> dict[str
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - older/foreign pickles: our own checkpoints, trusted
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - whatever torch raises, name the file
+            raise LeverLMError(f"Lever-LM checkpoint {path} cannot be read: {err}") from None
     ours = isinstance(ckpt, dict) and "leverlm_config" in ckpt and "state_dict" in ckpt
     theirs = authors and isinstance(ckpt, dict) and "state_dict" in ckpt
     if not (ours or theirs):
@@ -93,6 +96,7 @@ class LeverLM:
         self.queries = queries  # the collection whose positions a fine-tuned CLIP encodes
         self.encoder = encoder  # manifest of the supporting set's store: the CLIP of raw queries
         self._raw_clip: Any = None
+        self._encoded: dict[int, Features] = {}  # query position -> its fine-tuned-CLIP features
 
     @property
     def device(self) -> torch.device:
@@ -257,17 +261,33 @@ class LeverLM:
         return len(positions), rows
 
     def _encoded_positions(self, positions: Any) -> Callable:
-        """Samples of ``self.queries`` encoded with the checkpoint's fine-tuned CLIP."""
+        """Samples of ``self.queries`` encoded with the checkpoint's fine-tuned CLIP, each
+        once (later calls gather the rows already encoded)."""
+        import torch
+
         from leverlm.data.collection import read_manifest
 
         if not self.queries:
             raise LeverLMError("queries given as positions but no query collection is known")
         _check_positions(positions, int(read_manifest(self.queries)["num_samples"]), self.queries)
-        names = self.model.config.query_features
-        info = self.info
-        return lambda a, b: encode_collection(
-            self.clip, info["clip_model"], self.queries, info.get("task"), names, positions[a:b]
-        )
+        names, info = self.model.config.query_features, self.info
+
+        def rows(a: int, b: int) -> Features:
+            want = positions[a:b].tolist()
+            missing = sorted({p for p in want if p not in self._encoded})
+            if missing:
+                task = info.get("task")
+                fresh = encode_collection(
+                    self.clip, info["clip_model"], self.queries, task, names, positions=missing
+                )
+                self._encoded.update(
+                    {p: {m: t[i] for m, t in fresh.items()} for i, p in enumerate(missing)}
+                )
+            return {
+                m: torch.stack([self._encoded[p][m] for p in want]).to(self.device) for m in names
+            }
+
+        return rows
 
     def encode_queries(self, queries: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         """Raw queries ``{"image": file | PIL image, "question": text}`` -> ``{m: (B, D)}``,
