@@ -231,15 +231,26 @@ class SequenceCollator:
         }
 
 
+def clip_skeleton(clip_model: str) -> Any:
+    """An open_clip encoder whose weights are not used or come next (a checkpoint's): built
+    without the random-init warning, which would be false here."""
+    import warnings
+
+    from leverlm.encoders import load_clip
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="open_clip model .* has no checkpoint")
+        return load_clip(clip_model, None)
+
+
 class ClipInputs:
     """CLIP inputs (preprocessed pixels, text tokens) of collection samples, by position."""
 
     def __init__(self, clip_model: str, collection: str, task: str | None):
         from leverlm.data.collection import Collection
-        from leverlm.encoders import load_clip
 
         # Only the preprocessing and tokenizer are used; the weights stay in the LightningModule.
-        enc = load_clip(clip_model, None)
+        enc = clip_skeleton(clip_model)
         self.preprocess, self.tokenizer = enc.preprocess, enc.tokenizer
         self.collection = Collection(collection)
         self.task = task

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from leverlm.lever import LeverLMError
-from leverlm.lever.data import refuse_query_text
+from leverlm.lever.data import clip_skeleton, refuse_query_text
 from leverlm.lever.decode import (
     FeatureBank,
     Features,
@@ -158,11 +158,9 @@ class LeverLM:
         )
         bank, clip, encoder = None, None, None
         if info.get("clip_trainable"):
-            from leverlm.encoders import load_clip
-
             refuse_frozen_store(support_features, "support_features", path, info)
             refuse_frozen_store(query_features, "query_features", path, info)
-            clip = load_clip(info["clip_model"], None)
+            clip = clip_skeleton(info["clip_model"])
             sd = ckpt["state_dict"]
             clip.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("clip.")})
             clip.to(device).eval()
