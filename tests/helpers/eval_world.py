@@ -80,7 +80,9 @@ def gt_dataset(path: Path, num_support: int) -> tuple[Path, list[int]]:
     return path, [7, 2]
 
 
-def lever_checkpoint(path: Path, support_store: Path, **info: Any) -> Path:
+def lever_checkpoint(
+    path: Path, support_store: Path, query_features: tuple = ("image",), **info: Any
+) -> Path:
     """A randomly initialised tiny Lever-LM checkpoint in the trainer's format."""
     import torch
 
@@ -95,7 +97,7 @@ def lever_checkpoint(path: Path, support_store: Path, **info: Any) -> Path:
         n_positions=16,
         dropout=0.0,
         feature_dim=DIM,
-        query_features=("image",),
+        query_features=query_features,
         icd_features=("image", "text"),
     )
     model = LeverLMModel(config)

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 
+from helpers import ROOT
 from helpers.features import NO_COLLECTION_SHA256, write_store
 from leverlm.utils import atomic_write_json, sha256_file
 
@@ -141,6 +142,43 @@ def make_world(
         supporting_set_sha256=sha,
     )  # fmt: skip
     return World(gt, store, image, text, sequences, num_icds, Path(coll) if coll else None)
+
+
+def clip_checkpoint(
+    path: Path, num_icds: int, supporting_set: Path, task: str = "vqa", **model
+) -> Path:
+    """A randomly initialised ``clip_trainable`` Lever-LM checkpoint (tiny CLIP, tiny GPT-2)
+    in the trainer's format, trained on ``supporting_set``."""
+    import torch
+
+    from leverlm.lever.module import LeverLMModule
+
+    kw = dict(n_layer=1, n_embd=16, n_head=2, n_positions=16, dropout=0.0)
+    kw |= dict(query_features=("image", "text"), icd_features=("image", "text")) | model
+    module = LeverLMModule(
+        num_icds=num_icds, clip_trainable=True, clip_model="leverlm-tiny-clip",
+        supporting_set=str(supporting_set), task=task,
+        supporting_set_sha256=sha256_file(Path(supporting_set) / "manifest.json"), **kw,
+    )  # fmt: skip
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+def encode_store(collection: Path, out: Path) -> Path:
+    """The real feature store of ``collection`` (``leverlm features predict``, the demo's
+    tiny CLIP)."""
+    from leverlm.cli import main as cli_main
+    from leverlm.demo import clip_checkpoint as demo_clip
+
+    tiny = ROOT / "conf/encoder/tiny-clip.yaml"
+    args = ["features", "predict", "--config", str(tiny), "--data.collection", str(collection)]
+    args += ["--model.pretrained", str(demo_clip()), "--out", str(out)]
+    args += ["--data.batch_size", "4", "--trainer.accelerator", "cpu"]
+    assert cli_main([*args, "--trainer.logger", "false", "--progress_bar", "false"]) == 0
+    return out
 
 
 class SlowEpochs(L.Callback):

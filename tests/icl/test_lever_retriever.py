@@ -15,6 +15,7 @@ from helpers.eval_world import (
     lever_checkpoint,
     vqa_collection,
 )
+from helpers.lever_world import clip_checkpoint
 
 from leverlm.icl.job import (
     EvalConfigError,
@@ -123,28 +124,10 @@ def test_exclusions_are_honoured_per_query(world) -> None:
 def test_fine_tuned_clip_checkpoint_encodes_the_queries_it_is_asked_for(world, tmp_path) -> None:
     """A clip_trainable checkpoint without query features: each query is encoded once with the
     checkpoint's CLIP; the answers equal encoding the queries directly and selecting."""
-    import torch
-
-    from leverlm.lever.module import LeverLMModule
     from leverlm.lever.select import LeverLM, encode_collection
 
-    module = LeverLMModule(
-        num_icds=NUM_SUPPORT,
-        n_layer=1,
-        n_embd=16,
-        n_head=2,
-        n_positions=16,
-        dropout=0.0,
-        clip_trainable=True,
-        clip_model="leverlm-tiny-clip",
-        query_features=("image", "text"),
-        supporting_set=str(world.support),
-        task="vqa",
-    )
-    ckpt = {"state_dict": module.state_dict()}
-    module.on_save_checkpoint(ckpt)
-    torch.save(ckpt, tmp_path / "clip.ckpt")
-    r = LeverLMRetriever(str(tmp_path / "clip.ckpt"), queries=str(world.queries))
+    ckpt = clip_checkpoint(tmp_path / "clip.ckpt", NUM_SUPPORT, world.support)
+    r = LeverLMRetriever(str(ckpt), queries=str(world.queries))
     encoded = []
     import leverlm.lever.select as gen
 
@@ -156,11 +139,57 @@ def test_fine_tuned_clip_checkpoint_encodes_the_queries_it_is_asked_for(world, t
     finally:
         gen.encode_collection = real
     assert encoded == [[0, 2, 4], [1, 3, 5]]  # the second call encodes only the new ones
-    lm = LeverLM.from_checkpoint(tmp_path / "clip.ckpt")
+    lm = LeverLM.from_checkpoint(ckpt)
     feats = encode_collection(
         lm.clip, "leverlm-tiny-clip", world.queries, "vqa", ("image", "text"), positions=range(6)
     )
     assert got == lm.select(feats, 3)
+
+
+def test_eval_gives_a_fine_tuned_clip_lever_lm_its_own_features(world, tmp_path) -> None:
+    """The eval job hands its frozen feature stores to every method: the similarity baselines
+    read them, a fine-tuned-CLIP Lever-LM encodes the supporting set (cached by the
+    checkpoint's sha256, reused by the next run) and the queries with its own CLIP."""
+    from leverlm.encoders.store import open_store
+    from leverlm.icl.job import EvalDataModule
+    from leverlm.lever.select import LeverLM
+    from leverlm.utils import sha256_file
+
+    ckpt = clip_checkpoint(tmp_path / "run" / "last.ckpt", NUM_SUPPORT, world.support)
+    dm = EvalDataModule(
+        queries=str(world.queries), supporting_set=str(world.support), task="vqa",
+        methods=["siir", "lever_lm"], shots=[1, 3], retrievers={"lever_lm": {"checkpoint": str(ckpt)}},
+        query_features=str(world.q_store), support_features=str(world.s_store), num_workers=0,
+    )  # fmt: skip
+    table = dm.retrieve_all()
+    cache = tmp_path / "run" / "support_features" / sha256_file(ckpt)[:16]
+    assert (cache / "manifest.json").is_file()
+    lm = LeverLM.from_checkpoint(ckpt, queries=world.queries)
+    assert lm.query_features is None and lm.clip is not None
+    support, queries = open_store(world.s_store), open_store(world.q_store)
+    siir = build_retriever("siir", support_image=support.image, query_image=queries.image)
+    for shots in (1, 3):
+        assert table[("lever_lm", shots)].tolist() == lm.select(dm.query_positions, shots)
+        assert table[("siir", shots)].tolist() == siir.retrieve(dm.retrieval_queries(), shots)
+    # the Python API: positions of the supporting set, no store anywhere
+    assert len(LeverLM.from_checkpoint(ckpt).select([0, 1], shots=2)) == 2
+
+
+def test_reverse_seq_reverses_each_shot_counts_sequence(world) -> None:
+    plain = LeverLMRetriever(world.ckpt, query_features=world.q_store)
+    rev = LeverLMRetriever(world.ckpt, query_features=world.q_store, reverse_seq=True)
+    qs = _queries()
+    rev.prepare(qs, 4)
+    for shots in (1, 2, 4):
+        assert rev.retrieve(qs, shots) == [s[::-1] for s in plain.retrieve(qs, shots)]
+
+
+def test_caption_lever_lm_reading_the_query_text_is_refused(world, tmp_path) -> None:
+    ckpt = lever_checkpoint(
+        tmp_path / "cap.ckpt", world.s_store, query_features=("image", "text"), task="caption"
+    )
+    with pytest.raises(RetrieverError, match="query_features=.* 'caption' task: .* answer"):
+        LeverLMRetriever(str(ckpt))
 
 
 def test_lever_lm_errors_name_the_problem(world, tmp_path) -> None:

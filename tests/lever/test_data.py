@@ -93,3 +93,53 @@ def test_bad_gt_inputs_fail_early_naming_the_problem(tmp_path):
         LeverLMDataModule(str(w.gt_dir), query_features=["image"])
     with pytest.raises(ValueError, match="sequence_order"):
         LeverLMDataModule(str(w.gt_dir), support_features=str(w.store_dir), sequence_order="random")
+
+
+def test_sorted_split_is_the_first_90_percent_of_sorted_anchors_before_the_filter(tmp_path):
+    """The authors' split: the first int(0.9 n) anchor ids in ascending order train, the rest
+    validate; all anchors take part, also those the score filter leaves without beams."""
+    from leverlm.lever.data import LeverLMDataModule, split_anchors
+
+    anchors = [17, 3, 25, 8, 11, 1, 30, 14, 6, 21, 9, 27]
+    train, val = split_anchors(anchors, 0.1, seed=0, split="sorted")
+    assert train == sorted(anchors)[:10] and val == sorted(anchors)[10:]  # int(0.9 * 12) = 10
+    assert split_anchors(list(range(25)), 0.1, seed=5, split="sorted")[1] == [22, 23, 24]
+    seqs = {a: [[(a + 1) % 40, (a + 2) % 40]] for a in anchors}
+    scores = {a: [-0.5 if a == 30 else 0.2] for a in anchors}
+    write_gt(tmp_path / "gt", seqs, num_icds=40, scores=scores)
+    dm = LeverLMDataModule(
+        str(tmp_path / "gt"), val_fraction=0.1, split="sorted", score_threshold=0.0
+    )
+    dm.setup()
+    assert [a for a, _ in dm.train_dataset.items] == sorted(anchors)[:10]
+    assert [a for a, _ in dm.val_dataset.items] == [27]  # 30 was split to val, then filtered
+    with pytest.raises(ValueError, match="data.split"):
+        LeverLMDataModule(str(tmp_path / "gt"), split="first")
+
+
+def test_score_threshold_keeps_scores_equal_to_it(tmp_path):
+    """The authors drop beams scoring below the threshold (0.0): a score of exactly 0.0 stays."""
+    from leverlm.lever.data import LeverLMDataModule
+
+    seqs = {0: [[1, 2], [3, 4], [5, 6]]}
+    write_gt(tmp_path / "gt", seqs, num_icds=10, scores={0: [0.25, 0.0, -1e-9]})
+    dm = LeverLMDataModule(str(tmp_path / "gt"), score_threshold=0.0, val_fraction=0.0)
+    dm.setup()
+    assert dm.train_dataset.items == [(0, (1, 2)), (0, (3, 4))]
+
+
+def test_query_text_of_a_caption_task_is_refused(tmp_path):
+    from leverlm.lever import LeverLMError
+    from leverlm.lever.data import LeverLMDataModule
+
+    w = make_world(tmp_path, num_icds=20)
+    cap = write_gt(tmp_path / "cap", w.sequences, num_icds=20, task="caption")
+    store = str(w.store_dir)
+    with pytest.raises(
+        LeverLMError, match=r"model.query_features=\['image', 'text'\] on a 'caption'"
+    ):
+        LeverLMDataModule(str(cap), support_features=store, query_features=["image", "text"])
+    dm = LeverLMDataModule(str(cap), support_features=store, query_features=["image"])
+    assert dm.query_features == ["image"]
+    vqa = LeverLMDataModule(str(w.gt_dir), support_features=store, query_features=["text"])
+    assert vqa.query_features == ["text"]

@@ -264,3 +264,15 @@ def test_output_head_generalises_to_icds_no_sequence_contains():
 
     assert train(("image",)) == 1.0
     assert train(()) < 1.0
+
+
+def test_authors_variants_decode_as_the_reference():
+    """The authors' LSTM (untied MLP head) and adapter (ReLU, norm after): the cached greedy and
+    beam decoders agree with the reference decoder."""
+    model, bank, q = make(
+        "lstm", lstm_variant="authors", adapter_activation="relu", normalize=True,
+        normalize_at="after_adapter",
+    )  # fmt: skip
+    fast = greedy_decode(model, q, bank, shots=5)
+    assert fast.tolist() == reference_decode(model, q, bank, shots=5).tolist()
+    assert beam_decode(model, q, bank, shots=5, beam_size=1).tolist() == fast.tolist()

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from helpers.lever_world import make_world
 
+from leverlm.lever import LeverLMError
 from leverlm.lever.model import IGNORE_INDEX, LeverLMConfig, LeverLMModel, build_sequences
 
 
@@ -184,3 +185,144 @@ def test_feature_tied_head_is_refused_with_trainable_clip_and_named_in_config():
     # the head's keys are the only text weights: no unused input adapter is built
     model = LeverLMModel(cfg)
     assert set(model.output_keys) == {"text"} and len(model.adapters) == 0
+
+
+# ------------------------------------------------------------------ the authors' settings
+
+
+def test_adapter_activation_width_and_where_normalisation_happens():
+    """Authors: Linear(D, 4C) -> ReLU -> Linear(4C, C), then L2 norm; ours by default GELU and
+    the norm before the adapter."""
+    ours = LeverLMModel(tiny_config(adapter=True, normalize=True)).adapters["image"]
+    layers = [type(m) for m in ours.net]
+    assert layers == [torch.nn.Linear, torch.nn.GELU, torch.nn.Linear]
+    authors = LeverLMModel(
+        tiny_config(normalize=True, adapter_activation="relu", normalize_at="after_adapter")
+    ).adapters["image"]
+    first, act, last = authors.net
+    assert isinstance(act, torch.nn.ReLU)
+    assert (first.in_features, first.out_features, last.out_features) == (8, 4 * 32, 32)
+    x = torch.randn(5, 8) * 3
+    torch.testing.assert_close(authors(x), F.normalize(last(torch.relu(first(x))), dim=-1))
+    torch.testing.assert_close(ours(x), ours.net(F.normalize(x, dim=-1)))
+    wide = LeverLMModel(tiny_config(adapter_hidden=7)).adapters["text"].net
+    assert (wide[0].out_features, wide[2].in_features) == (7, 7)
+    # adapter off, dims equal (the authors' VQA setting): the normalised feature itself
+    plain = LeverLMModel(
+        tiny_config(adapter=False, feature_dim=32, normalize=True, normalize_at="after_adapter")
+    ).adapters["image"]
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(plain(x), F.normalize(x, dim=-1))
+
+
+def test_authors_lstm_shapes_and_untied_head():
+    """Embedding 128, LSTM 128 x 2 layers with dropout 0.1, head 128 -> 128 -> V untied; no
+    input dropout, no final LayerNorm."""
+    cfg = tiny_config(
+        backbone="lstm", lstm_variant="authors", n_embd=128, dropout=0.1, adapter_hidden=128,
+        adapter_activation="relu",
+    )  # fmt: skip
+    model = LeverLMModel(cfg).eval()
+    V = cfg.vocab_size
+    assert model.embedding.weight.shape == (V, 128)
+    lstm = model.lstm
+    assert (lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.dropout) == (128, 128, 2, 0.1)
+    head = model.lm_head
+    assert [type(m) for m in head] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+    assert head[0].weight.shape == (128, 128) and head[2].weight.shape == (V, 128)
+    assert head[2].weight.data_ptr() != model.embedding.weight.data_ptr()
+    assert not hasattr(model, "ln_f") and not hasattr(model, "drop")
+    adapter = model.adapters["image"].net
+    assert (adapter[0].in_features, adapter[0].out_features, adapter[2].out_features) == (
+        8,
+        128,
+        128,
+    )
+    tokens, _ = build_sequences([[3, 7]], cfg)
+    q, icd = random_feats(1, tokens.shape[1])
+    logits, _ = model(tokens, q, icd, torch.full_like(tokens, IGNORE_INDEX))
+    x = model.embed(tokens, q, icd)
+    torch.testing.assert_close(logits, head(lstm(x)[0]))
+    # our LSTM keeps its tied head, input dropout and LayerNorm
+    ours = LeverLMModel(tiny_config(backbone="lstm"))
+    assert ours.lm_head.weight is ours.embedding.weight and hasattr(ours, "ln_f")
+
+
+@pytest.mark.parametrize("backbone", ["gpt2", "lstm"])
+def test_predict_query_token_adds_bos_to_query_to_the_loss(backbone):
+    torch.manual_seed(0)
+    cfg = tiny_config(backbone=backbone, predict_query_token=True, lstm_variant="authors")
+    model = LeverLMModel(cfg).eval()
+    tokens, targets = build_sequences([[3, 7], [5, 1]], cfg)
+    q, icd = random_feats(2, tokens.shape[1])
+    logits, loss = model(tokens, q, icd, targets)
+    rows = [(b, 0, cfg.query) for b in range(2)] + [(0, 1, 3), (0, 2, 7), (0, 3, 20)]
+    rows += [(1, 1, 5), (1, 2, 1), (1, 3, 20)]
+    manual = [F.cross_entropy(logits[b, t][None], torch.tensor([y])) for b, t, y in rows]
+    torch.testing.assert_close(loss, torch.stack(manual).mean())
+    assert targets[:, 0].eq(IGNORE_INDEX).all()  # the caller's targets are left alone
+
+
+def test_new_options_are_validated_and_old_configs_load_with_todays_defaults():
+    for field, bad in [("adapter_activation", "tanh"), ("normalize_at", "never"),
+                       ("lstm_variant", "gru"), ("adapter_hidden", 0)]:  # fmt: skip
+        with pytest.raises(LeverLMError, match=field):
+            tiny_config(**{field: bad})
+    old = tiny_config().to_dict()
+    for key in ("adapter_activation", "adapter_hidden", "normalize_at", "lstm_variant",
+                "predict_query_token"):  # fmt: skip
+        del old[key]
+    cfg = LeverLMConfig.from_dict(old)
+    assert (cfg.adapter_activation, cfg.normalize_at, cfg.lstm_variant) == (
+        "gelu", "before_adapter", "leverlm",
+    )  # fmt: skip
+    assert cfg.adapter_hidden is None and not cfg.predict_query_token
+
+
+@pytest.mark.parametrize("backbone", ["gpt2", "lstm"])
+def test_authors_state_dict_layout_round_trips(backbone):
+    """Our weights written in the authors' key layout (their Lightning ``state_dict``) load back
+    into a fresh model, which then computes the same logits."""
+    kw = dict(
+        backbone=backbone,
+        lstm_variant="authors",
+        adapter_activation="relu",
+        normalize=True,
+        normalize_at="after_adapter",
+        query_features=("image", "text"),
+    )
+    torch.manual_seed(0)
+    model = LeverLMModel(tiny_config(**kw)).eval()
+    sd = model.authors_state_dict()
+    assert all(k.startswith("lever_lm.") for k in sd)
+    names = {k.removeprefix("lever_lm.") for k in sd}
+    assert {"img_adapter.0.weight", "img_adapter.2.bias", "sen_adapter.0.weight"} <= names
+    if backbone == "gpt2":
+        assert {"lm_model.transformer.wte.weight", "lm_model.transformer.h.1.attn.c_attn.weight",
+                "lm_model.lm_head.weight", "lm_model.transformer.wpe.weight"} <= names  # fmt: skip
+    else:
+        assert {"vocab_embedding.weight", "lm_model.weight_ih_l0", "lm_model.weight_hh_l1",
+                "proj.0.weight", "proj.2.bias"} <= names  # fmt: skip
+    # what their files hold besides: CLIP towers, a longer position table, old mask buffers
+    theirs = {**sd, "lever_lm.img_model.vision_model.embeddings.x": torch.zeros(3)}
+    if backbone == "gpt2":
+        wpe = sd["lever_lm.lm_model.transformer.wpe.weight"]
+        theirs["lever_lm.lm_model.transformer.wpe.weight"] = torch.cat([wpe, torch.randn(1008, 32)])
+        theirs["lever_lm.lm_model.transformer.h.0.attn.bias"] = torch.ones(1, 1, 4, 4)
+    torch.manual_seed(1)
+    fresh = LeverLMModel(tiny_config(**kw)).eval()
+    assert fresh.load_authors_state_dict(theirs) == ["img_model.vision_model.embeddings.x"]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0)
+    tokens, _ = build_sequences([[3, 7]], model.config)
+    q, icd = random_feats(1, tokens.shape[1])
+    torch.testing.assert_close(fresh(tokens, q, icd)[0], model(tokens, q, icd)[0])
+    # layouts the authors never had, and weights of other options, are refused by name
+    with pytest.raises(LeverLMError, match="missing .*sen_adapter"):
+        fresh.load_authors_state_dict({k: v for k, v in sd.items() if "sen_adapter" not in k})
+    with pytest.raises(LeverLMError, match="do not fit"):
+        LeverLMModel(tiny_config(**{**kw, "n_embd": 16, "n_head": 2})).load_authors_state_dict(sd)
+    with pytest.raises(LeverLMError, match="lstm_variant: authors"):
+        LeverLMModel(tiny_config(backbone="lstm")).authors_state_dict()
+    with pytest.raises(LeverLMError, match="linear projection"):
+        LeverLMModel(tiny_config(adapter=False)).authors_state_dict()

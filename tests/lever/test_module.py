@@ -14,6 +14,7 @@ from helpers import ROOT
 from helpers.lever_world import World, make_world, write_store
 
 from leverlm.encoders.store import FeatureStoreError
+from leverlm.lever import LeverLMError
 from leverlm.lever.module import main as train_main
 from leverlm.utils import sha256_file
 
@@ -61,19 +62,31 @@ def test_experiment_config_parses_and_runs_a_fast_dev_run(
     args = ["fit", "--config", str(config), "--data.gt_dir", str(world.gt_dir)]
     cfg = _print_config(args, capsys)
     name = config.relative_to(ROOT / "experiments").as_posix()
-    if name in PAPER:  # the paper's training settings
-        assert cfg["model"]["lr"] == pytest.approx(1e-4)
-        assert cfg["model"]["weight_decay"] == pytest.approx(1e-3)
-        assert cfg["model"]["warmup_ratio"] == pytest.approx(0.05)
-        assert cfg["model"]["n_layer"] == 2 and cfg["model"]["n_embd"] == 512
-        assert cfg["data"]["batch_size"] == 64 and cfg["data"]["val_fraction"] == pytest.approx(0.1)
+    model, data = cfg["model"], cfg["data"]
+    if name in PAPER:  # the paper's training settings, as the authors' code runs them
+        assert model["lr"] == pytest.approx(1e-4)
+        assert model["weight_decay"] == pytest.approx(1e-3) and model["weight_decay_on"] == "all"
+        assert model["warmup_ratio"] == pytest.approx(0.05)
+        assert model["n_layer"] == 2 and model["dropout"] == pytest.approx(0.1)
+        assert model["n_embd"] == (128 if model["backbone"] == "lstm" else 512)
+        assert model["adapter_activation"] == "relu" and model["normalize_at"] == "after_adapter"
+        assert model["predict_query_token"] and model["icd_features"] == ["image", "text"]
+        assert data["batch_size"] == 64 and data["val_fraction"] == pytest.approx(0.1)
+        assert data["split"] == "sorted" and data["score_threshold"] == 0.0
         assert cfg["trainer"]["max_epochs"] == 20 and cfg["trainer"]["precision"] == "16-mixed"
-    if name.startswith("vqav2/"):
-        assert cfg["model"]["clip_trainable"] and cfg["model"]["normalize"]
-        assert cfg["model"]["query_features"] == ["image", "text"]
-    if name == "coco/lever_openflamingo.yaml":
-        assert not cfg["model"]["clip_trainable"] and not cfg["model"]["normalize"]
-        assert cfg["model"]["query_features"] == ["image"] and cfg["model"]["adapter"]
+    if name.startswith("vqav2/"):  # facts sheet 3.5: adapter off, norm on, CLIP trained
+        assert model["clip_trainable"] and model["normalize"] and not model["adapter"]
+        assert model["query_features"] == ["image", "text"]
+    if name.startswith("coco/"):  # adapter on, norm off, CLIP frozen, query image
+        assert not model["clip_trainable"] and not model["normalize"]
+        assert model["query_features"] == ["image"] and model["adapter"]
+    if name == "coco/lever_openflamingo_lstm.yaml":  # facts sheet 3.6
+        assert model["lstm_variant"] == "authors" and model["adapter_hidden"] == 128
+    if name == "easyvqa/lever_demo.yaml":  # the demo keeps today's settings (the defaults)
+        assert model["adapter_activation"] == "gelu" and model["normalize_at"] == "before_adapter"
+        assert model["weight_decay_on"] == "matrices" and not model["predict_query_token"]
+        assert model["adapter_hidden"] is None and model["lstm_variant"] == "leverlm"
+        assert data["split"] == "random" and data["score_threshold"] is None
     assert "query_features" not in cfg["data"]  # linked from the model, not set twice
     run = [
         *args,
@@ -92,7 +105,7 @@ def test_experiment_config_parses_and_runs_a_fast_dev_run(
         "--trainer.enable_progress_bar",
         "false",
     ]
-    if cfg["model"]["clip_trainable"]:
+    if model["clip_trainable"]:
         run += ["--model.clip_model", "leverlm-tiny-clip", "--model.clip_pretrained", "null"]
     else:
         run += ["--data.support_features", str(world.store_dir)]
@@ -209,13 +222,13 @@ def test_select_cli_writes_keys_and_positions_atomically(trained, world, tmp_pat
     assert [x["icd_positions"] for x in lines] == expected
     # bad input fails before writing, and the existing output is left as it was
     before = out.read_bytes()
-    with pytest.raises(SystemExit, match="--shots"):
+    with pytest.raises(LeverLMError, match="--shots"):
         select_main([*args, "--shots", "0", "--out", str(out)])
     # a store of another collection, told apart by the collection's manifest sha256
     short = write_store(tmp_path / "short", world.image[:5], world.text[:5])
     with pytest.raises(FeatureStoreError, match="--query_features: feature store .* was built for"):
         select_main([*args[:-1], str(short), "--shots", "2", "--out", str(out)])
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(LeverLMError, match="does not exist"):
         select_main(["--ckpt", last + ".missing", *args[2:], "--shots", "2", "--out", str(out)])
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["selections.jsonl", "short"]
@@ -370,3 +383,37 @@ def test_another_config_in_the_run_folder_is_refused(trained, capsys):
     assert (
         "holds a `leverlm train` run with other inputs or settings (changed: config model.lr" in err
     )
+
+
+@pytest.mark.parametrize("on", ["matrices", "all"])
+def test_weight_decay_groups(on):
+    """Ours: no decay on biases and LayerNorm gains; the authors': every parameter decays."""
+    from types import SimpleNamespace
+
+    from leverlm.lever.module import LeverLMModule
+
+    module = LeverLMModule(num_icds=10, feature_dim=8, n_embd=16, n_head=2, weight_decay_on=on)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    params = {id(p): n for n, p in module.model.named_parameters()}
+    decayed = {params[id(p)] for g in groups if g["weight_decay"] == 1e-3 for p in g["params"]}
+    if on == "all":
+        assert len(groups) == 1 and decayed == set(params.values())
+    else:
+        matrices = {n for n, p in module.model.named_parameters() if p.ndim >= 2}
+        assert decayed == matrices and "gpt2.h.0.ln_1.bias" not in decayed
+        assert {params[id(p)] for p in groups[1]["params"]} == set(params.values()) - matrices
+        assert groups[1]["weight_decay"] == 0.0
+
+
+def test_train_refuses_the_query_caption_of_a_caption_task(world, tmp_path, capsys):
+    from helpers.lever_world import write_gt
+
+    from leverlm.cli import main as cli_main
+
+    cap = write_gt(tmp_path / "cap", world.sequences, num_icds=world.num_icds, task="caption")
+    args = ["train", "fit", "--config", str(ROOT / "experiments/easyvqa/lever_demo.yaml")]
+    args += ["--data.gt_dir", str(cap), "--data.support_features", str(world.store_dir)]
+    assert cli_main([*args, "--out", str(tmp_path / "run"), "--trainer.logger", "false"]) == 2
+    err = capsys.readouterr().err
+    assert "error: model.query_features=['image', 'text'] on a 'caption' task" in err

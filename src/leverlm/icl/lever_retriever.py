@@ -17,11 +17,13 @@ gt dataset folder.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from leverlm.errors import LeverError
 from leverlm.icl.retrievers import (
     Retriever,
     RetrieverError,
@@ -37,11 +39,42 @@ if TYPE_CHECKING:
     from leverlm.lever.select import LeverLM
 
 Take = Literal["last", "first"]
+log = logging.getLogger("leverlm.eval")
 
 
 # ---------------------------------------------------------------------------------------------
 # Lever-LM
 # ---------------------------------------------------------------------------------------------
+
+
+def _own_clip_reads_no_store(
+    checkpoint: str | None, support_features: Any, query_features: Any, queries: str | None
+) -> tuple[Any, Any]:
+    """``(support_features, query_features)`` a checkpoint reads: for a fine-tuned CLIP, no
+    store folder (its CLIP encodes the supporting set and the queries of ``queries``)."""
+    from leverlm.lever.select import checkpoint_info
+
+    if not checkpoint:
+        raise RetrieverError("lever_lm: a checkpoint (Lever-LM .ckpt) is required")
+    if not Path(checkpoint).is_file():
+        raise RetrieverError(f"lever_lm: checkpoint {checkpoint!r} does not exist")
+    if not checkpoint_info(checkpoint).get("clip_trainable"):
+        return support_features, query_features
+    folders = (str, os.PathLike)
+    if isinstance(support_features, folders) or isinstance(query_features, folders):
+        log.info(
+            "lever_lm: %s fine-tunes its CLIP, which encodes the supporting set and the "
+            "queries (the feature stores serve the similarity baselines)",
+            checkpoint,
+        )
+    support_features = None if isinstance(support_features, folders) else support_features
+    query_features = None if isinstance(query_features, folders) else query_features
+    if query_features is None and not queries:
+        raise RetrieverError(
+            "lever_lm: queries (the query collection) is required to encode the queries with "
+            "the checkpoint's fine-tuned CLIP"
+        )
+    return support_features, query_features
 
 
 @register_retriever("lever_lm")
@@ -53,19 +86,26 @@ class LeverLMRetriever(Retriever):
     :meth:`prepare` decodes every query once at the largest shot count and :meth:`retrieve`
     slices. Beam search has no such prefix property: each shot count is decoded on its own.
 
+    A checkpoint with a fine-tuned CLIP (``clip_trainable``) reads no frozen-CLIP store: its
+    CLIP encodes the supporting set (cached, see :mod:`leverlm.lever.select`) and the queries
+    of ``queries``; store folders given as ``support_features``/``query_features`` (the eval
+    job passes its stores to every method, for the similarity baselines) are not used.
+
     Args:
         checkpoint: the Lever-LM ``.ckpt`` (ignored when ``lever`` is given).
         support_features: the supporting set's feature store (folder, store object or
-            ``{modality: (N, D)}``); default: the store recorded in the checkpoint (or, for a
-            checkpoint with a fine-tuned CLIP, the supporting set encoded by that CLIP).
-        query_features: the query collection's feature store (row = query ``position``);
-            may be omitted for a fine-tuned-CLIP checkpoint: the queries of ``queries`` are then
-            encoded (once each, as they are asked for) with the checkpoint's CLIP.
+            ``{modality: (N, D)}``); default: the store recorded in the checkpoint.
+        query_features: the query collection's feature store (row = query ``position``).
         queries: the query collection folder: the query store must have been built for it;
-            the queries a fine-tuned CLIP encodes.
+            the queries a fine-tuned CLIP encodes (once each, as they are asked for).
+        supporting_set: the supporting-set collection a fine-tuned CLIP encodes (default: the
+            one recorded in the checkpoint; checked against it).
+        cache_dir: where a fine-tuned CLIP's supporting-set features are cached (default:
+            ``support_features/`` beside the checkpoint).
         num_candidates: the supporting-set size, checked against the checkpoint's vocabulary.
         beam_size: 1 = greedy (the paper); more = beam search over sequences.
         batch_size: queries decoded together.
+        reverse_seq: reverse each sequence (the authors' inference option; off in the paper).
         device: torch device for decoding.
         lever: an already loaded :class:`~leverlm.lever.select.LeverLM` (tests, the API).
     """
@@ -78,24 +118,31 @@ class LeverLMRetriever(Retriever):
         support_features: Any = None,
         query_features: Any = None,
         queries: str | None = None,
+        supporting_set: str | None = None,
+        cache_dir: str | None = None,
         num_candidates: int | None = None,
         beam_size: int = 1,
         batch_size: int = 256,
+        reverse_seq: bool = False,
         device: str = "cpu",
         lever: LeverLM | None = None,
     ):
         if lever is None:
-            if not checkpoint:
-                raise RetrieverError("lever_lm: a checkpoint (Lever-LM .ckpt) is required")
-            if not Path(checkpoint).is_file():
-                raise RetrieverError(f"lever_lm: checkpoint {checkpoint!r} does not exist")
+            support_features, query_features = _own_clip_reads_no_store(
+                checkpoint, support_features, query_features, queries
+            )
             from leverlm.lever.select import LeverLM
 
             try:
                 lever = LeverLM.from_checkpoint(
-                    checkpoint, support_features=support_features, device=device
+                    checkpoint,
+                    support_features=support_features,
+                    queries=queries,
+                    supporting_set=supporting_set,
+                    cache_dir=cache_dir,
+                    device=device,
                 )
-            except (ValueError, FileNotFoundError) as err:
+            except (LeverError, OSError) as err:
                 raise RetrieverError(f"lever_lm: checkpoint {checkpoint!r}: {err}") from err
         vocab = int(lever.model.config.num_icds)
         if num_candidates is not None and num_candidates != vocab:
@@ -114,67 +161,27 @@ class LeverLMRetriever(Retriever):
         super().__init__(vocab)
         self.lever, self.checkpoint, self.queries = lever, checkpoint, queries
         self.query_features = query_features
-        self.beam_size, self.batch_size = beam_size, batch_size
+        self.beam_size, self.batch_size, self.reverse_seq = beam_size, batch_size, reverse_seq
         # (position, exclusions) -> greedy sequence of the longest length decoded so far;
         # (position, exclusions, shots) -> beam-search sequence.
         self._cache: dict[tuple, list[int]] = {}
-        # Queries encoded by a fine-tuned CLIP checkpoint: {modality: (n, D)}, row of a position.
-        self._encoded: dict[str, Any] | None = None
-        self._encoded_rows: dict[int, int] = {}
 
-    def _features_source(self, positions: list[int]) -> tuple[Any, Any]:
-        """(queries argument for ``select``, its ``query_features``) for ``positions``."""
-        if self.query_features is not None:
-            return positions, self.query_features
-        if self.lever.clip is None:
+    def _select(self, items: list[tuple[int, frozenset[int]]], shots: int) -> list[list[int]]:
+        if self.query_features is None and self.lever.clip is None:
             raise RetrieverError(
                 "lever_lm: query_features (the query collection's feature store) is required "
                 "for a checkpoint without a fine-tuned CLIP"
             )
-        if not self.queries:
-            raise RetrieverError(
-                "lever_lm: queries (the query collection) is required to encode the queries "
-                "with the checkpoint's fine-tuned CLIP"
-            )
-        missing = sorted({p for p in positions if p not in self._encoded_rows})
-        if missing:
-            # Each query is encoded once, by the checkpoint's CLIP; later calls gather rows.
-            import torch
-
-            from leverlm.lever.select import encode_collection
-
-            info = self.lever.info
-            fresh = encode_collection(
-                self.lever.clip,
-                info["clip_model"],
-                self.queries,
-                info.get("task"),
-                self.lever.model.config.query_features,
-                positions=missing,
-            )
-            base = len(self._encoded_rows)
-            self._encoded_rows.update({p: base + i for i, p in enumerate(missing)})
-            self._encoded = {
-                m: t if self._encoded is None else torch.cat([self._encoded[m], t])
-                for m, t in fresh.items()
-            }
-        assert self._encoded is not None
-        rows = [self._encoded_rows[p] for p in positions]
-        return {m: t[rows] for m, t in self._encoded.items()}, None
-
-    def _select(self, items: list[tuple[int, frozenset[int]]], shots: int) -> list[list[int]]:
-        positions = [pos for pos, _ in items]
-        queries, source = self._features_source(positions)
         try:
             return self.lever.select(
-                queries,
+                [pos for pos, _ in items],
                 shots=shots,
                 beam_size=self.beam_size,
                 batch_size=self.batch_size,
-                query_features=source,
+                query_features=self.query_features,
                 exclude=[sorted(ex) for _, ex in items],
             )
-        except (ValueError, IndexError) as err:
+        except LeverError as err:
             raise RetrieverError(f"lever_lm: {err}") from err
 
     def _items(self, queries: list[dict[str, Any]], shots: int) -> list[tuple[int, frozenset]]:
@@ -210,7 +217,8 @@ class LeverLMRetriever(Retriever):
         if shots == 0:
             return [[] for _ in queries]
         self._fill(items, shots)
-        return [list(self._cache[self._cache_key(it, shots)][:shots]) for it in items]
+        seqs = [self._cache[self._cache_key(it, shots)][:shots] for it in items]
+        return [s[::-1] if self.reverse_seq else list(s) for s in seqs]
 
 
 @register_retriever("lever_lm_shuffled")

@@ -9,6 +9,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from leverlm.errors import LeverError
+
+
+class LeverLMError(LeverError):
+    """A Lever-LM input that cannot be used: a config value, checkpoint, feature store or query
+    (the message names it and what to do)."""
+
+
 _EXPORTS = {
     "LeverLMConfig": "leverlm.lever.model",
     "LeverLMModel": "leverlm.lever.model",
@@ -21,7 +29,7 @@ _EXPORTS = {
     "reference_decode": "leverlm.lever.decode",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "LeverLMError"])
 
 
 def __getattr__(name: str) -> Any:

@@ -2,8 +2,9 @@
 
 A gt folder holds ``manifest.json`` and ``records.jsonl`` (one anchor per line; ``sequences``
 are the beams in *prompt order*, best first). :class:`LeverLMDataModule` splits the anchors
-90/10 (seeded), keeps every beam of an anchor (optionally only those scoring at least
-``score_threshold``) and yields batches::
+90/10 (seeded random, or the authors' first 90% of the sorted positions), keeps every beam of
+an anchor (optionally only those scoring at least ``score_threshold``; the authors keep
+``>= 0.0``) and yields batches::
 
     {"query_position": (B,), "tokens": (B, L), "targets": (B, L),
      "query_feats": {m: (B, D)}, "icd_feats": {m: (B, L, D)}}         # frozen CLIP (default)
@@ -25,10 +26,32 @@ from typing import TYPE_CHECKING, Any, Literal
 import lightning as L
 import torch
 
+from leverlm.lever import LeverLMError
+
 if TYPE_CHECKING:
     import numpy as np
 
 MODALITY_NAMES = ("image", "text")
+SPLITS = ("random", "sorted")
+
+
+def refuse_query_text(task: str | None, query_features: Sequence[str] | None) -> None:
+    """A caption sample's text is its reference caption, i.e. the answer: Lever-LM may not
+    read it for the query (the authors never do; STTR avoids it too)."""
+    from leverlm.tasks import TaskError, get_task
+
+    if not task or "text" not in (query_features or ()):
+        return
+    try:
+        kind = get_task(task).name
+    except TaskError:
+        return
+    if kind == "caption":
+        raise LeverLMError(
+            f"model.query_features={list(query_features)} on a {task!r} task: a caption "
+            "collection's text is the reference caption (the answer) and would leak into "
+            "the query; use query_features: [image]"
+        )
 
 
 def load_gt(gt_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Any]]:
@@ -69,13 +92,21 @@ def load_gt(gt_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Any]]:
 
 
 def split_anchors(
-    positions: Sequence[int], val_fraction: float, seed: int
+    positions: Sequence[int], val_fraction: float, seed: int, split: str = "random"
 ) -> tuple[list[int], list[int]]:
-    """Seeded split of anchor positions into (train, val); independent of input order."""
+    """Split anchor positions into (train, val); independent of input order.
+
+    ``random``: a seeded permutation, both sides non-empty. ``sorted`` (the authors'): the first
+    ``int((1 - val_fraction) * n)`` positions in ascending order train, the rest validate.
+    """
     import numpy as np
 
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise LeverLMError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if split == "sorted":
+        anchors = sorted(set(int(p) for p in positions))
+        n_train = int((1.0 - val_fraction) * len(anchors))
+        return anchors[:n_train], anchors[n_train:]
     anchors = np.array(sorted(set(int(p) for p in positions)), dtype=np.int64)
     perm = np.random.default_rng(seed).permutation(len(anchors))
     n_val = math.ceil(len(anchors) * val_fraction) if val_fraction > 0 else 0
@@ -200,15 +231,26 @@ class SequenceCollator:
         }
 
 
+def clip_skeleton(clip_model: str) -> Any:
+    """An open_clip encoder whose weights are not used or come next (a checkpoint's): built
+    without the random-init warning, which would be false here."""
+    import warnings
+
+    from leverlm.encoders import load_clip
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="open_clip model .* has no checkpoint")
+        return load_clip(clip_model, None)
+
+
 class ClipInputs:
     """CLIP inputs (preprocessed pixels, text tokens) of collection samples, by position."""
 
     def __init__(self, clip_model: str, collection: str, task: str | None):
         from leverlm.data.collection import Collection
-        from leverlm.encoders import load_clip
 
         # Only the preprocessing and tokenizer are used; the weights stay in the LightningModule.
-        enc = load_clip(clip_model, None)
+        enc = clip_skeleton(clip_model)
         self.preprocess, self.tokenizer = enc.preprocess, enc.tokenizer
         self.collection = Collection(collection)
         self.task = task
@@ -265,7 +307,11 @@ class LeverLMDataModule(L.LightningDataModule):
             ``supporting_set.path``. Needed for trainable CLIP and for images in the
             decoded-sequence table.
         val_fraction: fraction of *anchors* held out (all their beams go to validation).
-        score_threshold: keep only beams whose final score is at least this.
+        split: ``random`` (seeded by ``seed``; anchors left without beams by
+            ``score_threshold`` take no part) or ``sorted`` (the authors': the first
+            ``1 - val_fraction`` of all anchor positions in ascending order train, split before
+            the score filter).
+        score_threshold: keep only beams whose final score is at least this (the authors: 0.0).
         sequence_order: ``prompt`` = as stored (the order Lever-LM generates and the prompt
             uses); ``construction`` = the order the beam search added them (reversed for
             ``order: left``).
@@ -281,6 +327,7 @@ class LeverLMDataModule(L.LightningDataModule):
         batch_size: int = 64,
         val_fraction: float = 0.1,
         seed: int = 0,
+        split: Literal["random", "sorted"] = "random",
         score_threshold: float | None = None,
         sequence_order: Literal["prompt", "construction"] = "prompt",
         num_workers: int = 0,
@@ -291,23 +338,27 @@ class LeverLMDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise LeverLMError(f"data.batch_size must be >= 1, got {batch_size}")
         if sequence_order not in ("prompt", "construction"):
-            raise ValueError(
+            raise LeverLMError(
                 f"data.sequence_order must be prompt|construction, got {sequence_order!r}"
             )
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+            raise LeverLMError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if split not in SPLITS:
+            raise LeverLMError(f"data.split must be one of {SPLITS}, got {split!r}")
         self.gt_dir = str(gt_dir)
         # read and validated now: a bad gt folder fails before any model is built
         self.manifest, self._records = load_gt(gt_dir)
         ss = self.manifest["supporting_set"]
         self.num_icds: int = int(ss["num_samples"])
         self.task: str | None = self.manifest.get("task")
+        refuse_query_text(self.task, query_features)
         ss_path = supporting_set or ss.get("path") or None
         # absolute, so a checkpoint still finds it from another working directory
         self.supporting_set_path: str | None = os.path.abspath(ss_path) if ss_path else None
         self.batch_size, self.val_fraction, self.seed = batch_size, val_fraction, seed
+        self.split = split
         self.score_threshold, self.sequence_order = score_threshold, sequence_order
         self.num_workers = num_workers
         self.clip_trainable, self.clip_model = clip_trainable, clip_model
@@ -318,14 +369,14 @@ class LeverLMDataModule(L.LightningDataModule):
         if not clip_trainable:
             if support_features is None:
                 if query_features or icd_features:
-                    raise ValueError(
+                    raise LeverLMError(
                         "data.support_features is required: the model reads CLIP features "
                         f"(query {query_features}, ICD {icd_features})"
                     )
             else:
                 self._open_store(str(support_features))
         elif self.supporting_set_path is None:
-            raise ValueError(
+            raise LeverLMError(
                 "data.supporting_set is required with clip_trainable (images are streamed)"
             )
         available = list(MODALITY_NAMES) if (self._store is not None or clip_trainable) else []
@@ -368,12 +419,16 @@ class LeverLMDataModule(L.LightningDataModule):
                     tuple(reversed(s)) if reverse else tuple(s) for s in kept
                 ]
         if not by_anchor:
-            raise ValueError(
+            raise LeverLMError(
                 f"no gt sequence of {self.gt_dir} has a score >= score_threshold={self.score_threshold}"
             )
-        train, val = split_anchors(list(by_anchor), self.val_fraction, self.seed)
-        self.train_dataset = GtSequenceDataset([(a, s) for a in train for s in by_anchor[a]])
-        self.val_dataset = GtSequenceDataset([(a, s) for a in val for s in by_anchor[a]])
+        # the authors split all anchors, then filter; the random split sees only kept anchors
+        anchors = [r.anchor_position for r in records] if self.split == "sorted" else by_anchor
+        train, val = split_anchors(list(anchors), self.val_fraction, self.seed, self.split)
+        self.train_dataset = GtSequenceDataset(
+            [(a, s) for a in train for s in by_anchor.get(a, ())]
+        )
+        self.val_dataset = GtSequenceDataset([(a, s) for a in val for s in by_anchor.get(a, ())])
 
     def collator(self) -> SequenceCollator:
         clip = None

@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from leverlm.lever import LeverLMError
+
 if TYPE_CHECKING:
     import torch
     from torch import Tensor
@@ -49,18 +51,18 @@ class FeatureBank:
         import torch
 
         if not features:
-            raise ValueError("FeatureBank: no feature arrays given")
+            raise LeverLMError("FeatureBank: no feature arrays given")
         self.features: dict[str, torch.Tensor] = {}
         rows = None
         for name, arr in features.items():
             # np.array copies: memmaps are read-only, and the bank must not alias the store
             t = arr if isinstance(arr, torch.Tensor) else torch.from_numpy(np.array(arr))
             if t.ndim != 2:
-                raise ValueError(
+                raise LeverLMError(
                     f"FeatureBank: {name} features must be (N, D), got {tuple(t.shape)}"
                 )
             if rows is not None and t.shape[0] != rows:
-                raise ValueError(
+                raise LeverLMError(
                     f"FeatureBank: {name} features have {t.shape[0]} rows, others have {rows}"
                 )
             rows = t.shape[0]
@@ -83,7 +85,7 @@ class FeatureBank:
         for m in modalities:
             arr = getattr(store, m, None)
             if arr is None:
-                raise ValueError(
+                raise LeverLMError(
                     f"feature store {getattr(store, 'path', store)} has no {m!r} features "
                     f"(the model needs {list(modalities)})"
                 )
@@ -100,7 +102,7 @@ def ensure_output_bank(model: LeverLMModel, bank: FeatureBank | None) -> None:
     """A feature-tied output head without its bank takes the decoding bank's features."""
     if model.config.output_features and model.output_bank is None:
         if bank is None:
-            raise ValueError(
+            raise LeverLMError(
                 "this Lever-LM has a feature-tied output head "
                 f"(output_features={list(model.config.output_features)}): decode with a "
                 "FeatureBank of the supporting set, or call model.set_output_bank(...)"
@@ -113,19 +115,19 @@ def check_decode_args(
 ) -> None:
     cfg = model.config
     if shots < 1:
-        raise ValueError(f"shots must be >= 1, got {shots}")
+        raise LeverLMError(f"shots must be >= 1, got {shots}")
     if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        raise LeverLMError(f"beam_size must be >= 1, got {beam_size}")
     if cfg.backbone == "gpt2" and shots + 1 > cfg.n_positions:
-        raise ValueError(
+        raise LeverLMError(
             f"shots={shots} needs {shots + 1} positions; the model was built with "
             f"n_positions={cfg.n_positions}"
         )
     if exclude is not None and len(exclude) != num_queries:
-        raise ValueError(f"exclude has {len(exclude)} entries for {num_queries} queries")
+        raise LeverLMError(f"exclude has {len(exclude)} entries for {num_queries} queries")
     most_excluded = max((len(set(e)) for e in exclude), default=0) if exclude else 0
     if shots + most_excluded > cfg.num_icds or beam_size > cfg.num_icds - most_excluded:
-        raise ValueError(
+        raise LeverLMError(
             f"cannot choose shots={shots} (beam_size={beam_size}) distinct ICDs from a "
             f"supporting set of {cfg.num_icds} with up to {most_excluded} excluded per query"
         )
@@ -142,7 +144,9 @@ def _initial_ban(model: LeverLMModel, num_queries: int, exclude: Any, device: An
         for b, ex in enumerate(exclude):
             for p in ex:
                 if not 0 <= int(p) < cfg.num_icds:
-                    raise ValueError(f"exclude[{b}] has position {p} outside 0..{cfg.num_icds - 1}")
+                    raise LeverLMError(
+                        f"exclude[{b}] has position {p} outside 0..{cfg.num_icds - 1}"
+                    )
             if len(ex):
                 banned[b, torch.as_tensor(list(ex), dtype=torch.long, device=device)] = True
     return banned
@@ -153,7 +157,7 @@ def _icd_feats(model: LeverLMModel, bank: FeatureBank | None, tokens: Tensor) ->
     if not model.config.icd_features:
         return None
     if bank is None:
-        raise ValueError(
+        raise LeverLMError(
             f"the model reads ICD features {list(model.config.icd_features)}; no FeatureBank given"
         )
     # special tokens (>= N) get some real row; embed() masks it out
@@ -171,10 +175,10 @@ def _num_queries(query_feats: Features, num_queries: int | None = None) -> int:
     if num_queries is not None:
         return num_queries
     if not query_feats:
-        raise ValueError("query_feats is empty: pass num_queries for an indices-only model")
+        raise LeverLMError("query_feats is empty: pass num_queries for an indices-only model")
     sizes = {t.shape[0] for t in query_feats.values()}
     if len(sizes) != 1:
-        raise ValueError(f"query feature tensors disagree on the number of queries: {sizes}")
+        raise LeverLMError(f"query feature tensors disagree on the number of queries: {sizes}")
     return sizes.pop()
 
 

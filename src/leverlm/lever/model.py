@@ -7,8 +7,18 @@ model predicts ``ICD_1 .. ICD_n, EOS`` (nothing is predicted for ``BOS -> QUERY`
 
 Features: the QUERY token's embedding gets the query's CLIP image and/or text feature added,
 each ICD token gets its ICD's features added (``query_features`` / ``icd_features``; empty =
-token indices only). Features pass through an optional L2 normalisation and then a
-per-modality adapter (MLP, or a linear projection / identity).
+token indices only). Each modality passes through a per-modality adapter (MLP, or a linear
+projection / identity) and an optional L2 normalisation, before the adapter (``normalize_at``
+default) or after it (the authors' order).
+
+The authors' settings, each a config field (defaults = this project's choices): the adapter
+MLP's activation (``adapter_activation: relu``) and hidden width (``adapter_hidden``; their
+GPT-2 4 * n_embd, their LSTM n_embd), ``normalize_at: after_adapter``, their LSTM layout
+(``lstm_variant: authors``: no input dropout or final LayerNorm, an untied MLP head
+``n_embd -> n_embd -> V``) and their loss, which also predicts QUERY after BOS
+(``predict_query_token``). :meth:`LeverLMModel.authors_state_dict` and
+:meth:`LeverLMModel.load_authors_state_dict` convert weights to and from their checkpoints' key
+layout.
 
 Output head: the paper's is the (tied) token embedding, so an ICD's logit is learnt from the
 sequences it appears in and an ICD no gt sequence contains keeps its random embedding. With
@@ -33,8 +43,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from leverlm.lever import LeverLMError
+
 MODALITIES: tuple[str, ...] = ("image", "text")
 BACKBONES: tuple[str, ...] = ("gpt2", "lstm")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "backbone": BACKBONES,
+    "adapter_activation": ("gelu", "relu"),
+    "normalize_at": ("before_adapter", "after_adapter"),
+    "lstm_variant": ("leverlm", "authors"),
+}
 IGNORE_INDEX = -100
 
 # A decoding state: a transformers Cache for gpt2, an (h, c) pair for lstm.
@@ -57,7 +75,12 @@ class LeverLMConfig:
     query_features: tuple[str, ...] = ("image",)
     icd_features: tuple[str, ...] = ("image", "text")
     adapter: bool = True  # MLP adapter; False: linear projection (identity if dims match)
-    normalize: bool = False  # L2-normalise features before the adapter
+    adapter_activation: str = "gelu"  # the MLP adapter's activation: gelu | relu (authors)
+    adapter_hidden: int | None = None  # the MLP adapter's hidden width; None: 4 * n_embd
+    normalize: bool = False  # L2-normalise features
+    normalize_at: str = "before_adapter"  # before_adapter | after_adapter (authors)
+    lstm_variant: str = "leverlm"  # leverlm | authors (see the module docstring)
+    predict_query_token: bool = False  # the loss also predicts QUERY after BOS (authors)
     output_features: tuple[str, ...] = ()  # feature-tied output head (see module docstring)
     output_ids: bool = True  # with output_features: keep the token-embedding term of ICD logits
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, not used by the net
@@ -67,24 +90,29 @@ class LeverLMConfig:
         self.icd_features = tuple(self.icd_features)
         self.output_features = tuple(self.output_features)
         if self.num_icds < 1:
-            raise ValueError(f"LeverLMConfig.num_icds must be >= 1, got {self.num_icds}")
-        if self.backbone not in BACKBONES:
-            raise ValueError(
-                f"LeverLMConfig.backbone must be one of {BACKBONES}, got {self.backbone!r}"
-            )
+            raise LeverLMError(f"LeverLMConfig.num_icds must be >= 1, got {self.num_icds}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise LeverLMError(
+                    f"LeverLMConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
         for name in ("query_features", "icd_features", "output_features"):
             values = getattr(self, name)
             bad = [v for v in values if v not in MODALITIES]
             if bad or len(set(values)) != len(values):
-                raise ValueError(
+                raise LeverLMError(
                     f"LeverLMConfig.{name} must be distinct values from {MODALITIES}, got {list(values)}"
                 )
         if self.backbone == "gpt2" and self.n_embd % self.n_head:
-            raise ValueError(
+            raise LeverLMError(
                 f"LeverLMConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
         if self.n_positions < 3:
-            raise ValueError(f"LeverLMConfig.n_positions must be >= 3, got {self.n_positions}")
+            raise LeverLMError(f"LeverLMConfig.n_positions must be >= 3, got {self.n_positions}")
+        if self.adapter_hidden is not None and self.adapter_hidden < 1:
+            raise LeverLMError(
+                f"LeverLMConfig.adapter_hidden must be >= 1 or None, got {self.adapter_hidden}"
+            )
 
     # special tokens, after the N ICD positions
     @property
@@ -121,7 +149,7 @@ class LeverLMConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"LeverLMConfig: unknown fields {unknown}")
+            raise LeverLMError(f"LeverLMConfig: unknown fields {unknown}")
         return cls(**d)
 
 
@@ -136,7 +164,7 @@ def build_sequences(
     changes the logits of real positions.
     """
     if not icd_seqs:
-        raise ValueError("build_sequences: no sequences")
+        raise LeverLMError("build_sequences: no sequences")
     n_max = max(len(s) for s in icd_seqs)
     B, L = len(icd_seqs), n_max + 2
     tokens = torch.full((B, L), config.eos, dtype=torch.long)
@@ -145,7 +173,7 @@ def build_sequences(
     for b, seq in enumerate(icd_seqs):
         for p in seq:
             if not 0 <= p < config.num_icds:
-                raise ValueError(
+                raise LeverLMError(
                     f"ICD position {p} out of range for a supporting set of {config.num_icds}"
                 )
         n = len(seq)
@@ -159,14 +187,17 @@ def build_sequences(
 
 
 class FeatureAdapter(nn.Module):
-    """CLIP feature -> n_embd: optional L2 norm, then an MLP or a linear map (or identity)."""
+    """CLIP feature -> n_embd: an MLP (Linear, activation, Linear) or a linear map (or identity),
+    with an optional L2 normalisation before or after it."""
 
-    def __init__(self, in_dim: int, out_dim: int, mlp: bool, normalize: bool):
+    def __init__(self, in_dim: int, out_dim: int, config: LeverLMConfig):
         super().__init__()
-        self.normalize = normalize
-        if mlp:
+        self.normalize_at = config.normalize_at if config.normalize else None
+        if config.adapter:
+            hidden = config.adapter_hidden or 4 * out_dim
+            act = nn.ReLU() if config.adapter_activation == "relu" else nn.GELU()
             self.net: nn.Module = nn.Sequential(
-                nn.Linear(in_dim, 4 * out_dim), nn.GELU(), nn.Linear(4 * out_dim, out_dim)
+                nn.Linear(in_dim, hidden), act, nn.Linear(hidden, out_dim)
             )
         elif in_dim != out_dim:
             self.net = nn.Linear(in_dim, out_dim)
@@ -174,10 +205,11 @@ class FeatureAdapter(nn.Module):
             self.net = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:  # (..., D) -> (..., C)
-        if self.normalize:
-            # F.normalize clamps the norm, so the all-zero rows used as padding stay zero
+        # F.normalize clamps the norm, so the all-zero rows used as padding stay zero
+        if self.normalize_at == "before_adapter":
             x = F.normalize(x, dim=-1)
-        return self.net(x)
+        x = self.net(x)
+        return F.normalize(x, dim=-1) if self.normalize_at == "after_adapter" else x
 
 
 def _cache_kwarg() -> str:
@@ -215,9 +247,12 @@ class LeverLMModel(nn.Module):
             self.gpt2 = GPT2Model(gpt_config)
             self._cache_kw = _cache_kwarg()
         else:
+            # the authors' LSTM: PyTorch's default init, no input dropout, no final LayerNorm
+            authors = config.lstm_variant == "authors"
             self.embedding = nn.Embedding(config.vocab_size, C)
-            nn.init.normal_(self.embedding.weight, std=0.02)
-            self.drop = nn.Dropout(config.dropout)
+            if not authors:
+                nn.init.normal_(self.embedding.weight, std=0.02)
+                self.drop = nn.Dropout(config.dropout)
             self.lstm = nn.LSTM(
                 C,
                 C,
@@ -225,17 +260,24 @@ class LeverLMModel(nn.Module):
                 batch_first=True,
                 dropout=config.dropout if config.n_layer > 1 else 0.0,
             )
-            self.ln_f = nn.LayerNorm(C)
+            if not authors:
+                self.ln_f = nn.LayerNorm(C)
         self.adapters = nn.ModuleDict(
             {
-                m: FeatureAdapter(config.feature_dim, C, config.adapter, config.normalize)
+                m: FeatureAdapter(config.feature_dim, C, config)
                 for m in config.modalities
                 if m in config.query_features or m in config.icd_features
             }
         )
-        # weight tying, as GPT-2 does (the vocabulary dominates the parameter count)
-        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight
+        self.lm_head: nn.Module
+        if self.untied_head:  # the authors' LSTM head: an MLP, not tied to the embedding
+            self.lm_head = nn.Sequential(
+                nn.Linear(C, C), nn.ReLU(), nn.Linear(C, config.vocab_size)
+            )
+        else:
+            # weight tying, as GPT-2 does (the vocabulary dominates the parameter count)
+            self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+            self.lm_head.weight = self.wte.weight
         # feature-tied output head: a linear key W_m f + b_m per modality from the (optionally
         # L2-normalised) supporting-set features; see set_output_bank / logits
         self.output_keys = nn.ModuleDict(
@@ -247,8 +289,13 @@ class LeverLMModel(nn.Module):
     # -- pieces ------------------------------------------------------------------------------
     @property
     def wte(self) -> nn.Embedding:
-        """The token embedding (GPT-2's own ``wte`` for gpt2), tied to ``lm_head``."""
+        """The token embedding (GPT-2's own ``wte`` for gpt2), tied to ``lm_head`` unless
+        :attr:`untied_head`."""
         return self.gpt2.wte if self.config.backbone == "gpt2" else self.embedding
+
+    @property
+    def untied_head(self) -> bool:
+        return self.config.backbone == "lstm" and self.config.lstm_variant == "authors"
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -267,11 +314,13 @@ class LeverLMModel(nn.Module):
             return
         missing = [m for m in cfg.output_features if m not in features]
         if missing:
-            raise ValueError(f"output bank lacks {missing} features (needs {cfg.output_features})")
+            raise LeverLMError(
+                f"output bank lacks {missing} features (needs {cfg.output_features})"
+            )
         for m in cfg.output_features:
             shape = tuple(features[m].shape)
             if shape != (cfg.num_icds, cfg.feature_dim):
-                raise ValueError(
+                raise LeverLMError(
                     f"output bank {m} features are {shape}, the model needs "
                     f"({cfg.num_icds}, {cfg.feature_dim}) (one row per supporting-set position)"
                 )
@@ -293,7 +342,7 @@ class LeverLMModel(nn.Module):
         if not self.config.output_features:
             return out
         if self._bank_matrix is None:
-            raise ValueError(
+            raise LeverLMError(
                 "this Lever-LM has a feature-tied output head (output_features="
                 f"{list(self.config.output_features)}): call set_output_bank(features) first"
             )
@@ -328,10 +377,10 @@ class LeverLMModel(nn.Module):
         if not names:
             return None
         if feats is None:
-            raise ValueError(f"LeverLM needs {where} features {list(names)}, got none")
+            raise LeverLMError(f"LeverLM needs {where} features {list(names)}, got none")
         missing = [m for m in names if m not in feats]
         if missing:
-            raise ValueError(
+            raise LeverLMError(
                 f"LeverLM needs {where} features {list(names)}; missing {missing} "
                 f"(given: {sorted(feats)})"
             )
@@ -340,7 +389,7 @@ class LeverLMModel(nn.Module):
         for m in names:
             x = feats[m]
             if x.shape[-1] != self.config.feature_dim:
-                raise ValueError(
+                raise LeverLMError(
                     f"{where} {m} features have dim {x.shape[-1]}, model expects "
                     f"feature_dim={self.config.feature_dim}"
                 )
@@ -366,7 +415,7 @@ class LeverLMModel(nn.Module):
         if cfg.icd_features and bool(is_icd.any()):
             icd = self._feature_sum(icd_feats, cfg.icd_features, "ICD")  # (B, T, C)
             if icd.shape[:2] != tokens.shape:
-                raise ValueError(
+                raise LeverLMError(
                     f"ICD features cover {tuple(icd.shape[:2])} tokens, sequence is {tuple(tokens.shape)}"
                 )
             # masked, so the adapter's bias on padding rows never leaks into special tokens
@@ -380,7 +429,7 @@ class LeverLMModel(nn.Module):
         if self.config.backbone == "gpt2":
             past = state.get_seq_length() if state is not None else 0
             if past + x.shape[1] > self.config.n_positions:
-                raise ValueError(
+                raise LeverLMError(
                     f"sequence of {past + x.shape[1]} tokens exceeds n_positions="
                     f"{self.config.n_positions} (shots + 2); train with a larger n_positions"
                 )
@@ -390,8 +439,12 @@ class LeverLMModel(nn.Module):
             if use_cache and new_state is None:
                 new_state = getattr(out, "past_key_values", None)
             return out.last_hidden_state, new_state
-        h, new_state = self.lstm(self.drop(x), state)
-        return self.ln_f(h), (new_state if use_cache else None)
+        if self.config.lstm_variant == "authors":
+            h, new_state = self.lstm(x, state)
+        else:
+            h, new_state = self.lstm(self.drop(x), state)
+            h = self.ln_f(h)
+        return h, (new_state if use_cache else None)
 
     @staticmethod
     def reorder_state(state: State, index: Tensor) -> State:
@@ -420,6 +473,11 @@ class LeverLMModel(nn.Module):
         h, _ = self.backbone(self.embed(tokens, query_feats, icd_feats))  # (B, T, C)
         if targets is None:
             return self.logits(h[:, -1:, :]), None
+        if self.config.predict_query_token:  # the authors' loss: every shifted position
+            targets = targets.clone()
+            targets[:, 0] = torch.where(
+                tokens[:, 1] == self.config.query, self.config.query, targets[:, 0]
+            )
         logits = self.logits(h)  # (B, T, V)
         loss = F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE_INDEX
@@ -436,3 +494,70 @@ class LeverLMModel(nn.Module):
         """Incremental decoding: feed new tokens (B, T) after ``state``; last logits (B, V)."""
         h, state = self.backbone(self.embed(tokens, query_feats, icd_feats), state, use_cache=True)
         return self.logits(h[:, -1, :]), state
+
+    # -- the authors' checkpoints ----------------------------------------------------------
+    def _authors_names(self) -> dict[str, str]:
+        """Our state-dict key -> the authors' (their model's attribute names)."""
+        cfg = self.config
+        if cfg.output_features:
+            raise LeverLMError("output_features (the feature-tied head) has no authors' layout")
+        if cfg.backbone == "lstm" and cfg.lstm_variant != "authors":
+            raise LeverLMError("only lstm_variant: authors has the authors' LSTM layout")
+        names = {}
+        for key in self.state_dict():
+            head, _, rest = key.partition(".")
+            if head == "adapters":
+                m, _, rest = rest.partition(".net.")
+                if not isinstance(self.adapters[m].net, nn.Sequential):
+                    raise LeverLMError(
+                        "the authors' model has no linear projection of features: use adapter: "
+                        "true, or adapter: false with feature_dim == n_embd (features added as is)"
+                    )
+                names[key] = {"image": "img_adapter.", "text": "sen_adapter."}[m] + rest
+            elif head == "gpt2":
+                names[key] = "lm_model.transformer." + rest
+            elif head == "lm_head":
+                names[key] = ("lm_model.lm_head." if cfg.backbone == "gpt2" else "proj.") + rest
+            else:
+                names[key] = {"embedding": "vocab_embedding.", "lstm": "lm_model."}[head] + rest
+        return names
+
+    def authors_state_dict(self) -> dict[str, Tensor]:
+        """The weights in the key layout of the authors' Lightning checkpoints (``state_dict``
+        with ``lever_lm.`` prefixes; no CLIP towers)."""
+        sd = self.state_dict()
+        return {"lever_lm." + theirs: sd[ours] for ours, theirs in self._authors_names().items()}
+
+    def load_authors_state_dict(self, state_dict: dict[str, Tensor]) -> list[str]:
+        """Load weights saved by the authors' code into this model (built with the same
+        architecture options); returns their CLIP keys, which are not loaded (features come
+        from a feature store or this project's CLIP)."""
+        sd = {k.removeprefix("lever_lm."): v for k, v in state_dict.items()}
+        clip = sorted(k for k in sd if k.startswith(("img_model.", "sen_model.")))
+        # GPT-2's causal-mask buffers, saved by older transformers
+        used = set(clip) | {k for k in sd if k.endswith((".attn.bias", ".attn.masked_bias"))}
+        ours, missing = {}, []
+        for key, theirs in self._authors_names().items():
+            if theirs not in sd:
+                missing.append(theirs)
+                continue
+            used.add(theirs)
+            value = sd[theirs]
+            if key == "gpt2.wpe.weight":  # rows past n_positions are never read
+                value = value[: self.config.n_positions]
+            ours[key] = value
+        unexpected = sorted(set(sd) - used)
+        if missing or unexpected:
+            raise LeverLMError(
+                f"the authors' weights do not fit these architecture options: missing "
+                f"{missing[:5]}, unexpected {unexpected[:5]} (check backbone, adapter, "
+                "query/icd_features, lstm_variant)"
+            )
+        try:
+            self.load_state_dict(ours)
+        except RuntimeError as err:
+            raise LeverLMError(
+                f"the authors' weights do not fit these architecture options (num_icds, n_embd, "
+                f"n_layer, adapter_hidden, ...): {str(err).splitlines()[-1].strip()}"
+            ) from None
+        return clip

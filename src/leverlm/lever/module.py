@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import fields
 from typing import Any, Literal
 
 import lightning as L
@@ -19,7 +20,8 @@ import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from leverlm.lever.data import LeverLMDataModule
+from leverlm.lever import LeverLMError
+from leverlm.lever.data import LeverLMDataModule, refuse_query_text
 from leverlm.lever.model import IGNORE_INDEX, LeverLMConfig, LeverLMModel
 
 log = logging.getLogger("leverlm.train")
@@ -36,7 +38,13 @@ class LeverLMModule(L.LightningModule):
             the CLIP model's own output size is used).
         query_features / icd_features: modalities added to the QUERY / ICD tokens.
         adapter: MLP adapter from CLIP to n_embd; False = linear (identity if dims match).
-        normalize: L2-normalise features first.
+        adapter_activation / adapter_hidden: the MLP's activation (authors: relu) and hidden
+            width (None: 4 * n_embd, as the authors' GPT-2; their LSTM: n_embd).
+        normalize: L2-normalise features, ``normalize_at`` ``before_adapter`` (default) or
+            ``after_adapter`` (authors).
+        lstm_variant: ``leverlm`` (input dropout, final LayerNorm, tied head) or ``authors``
+            (neither, untied MLP head); see :mod:`leverlm.lever.model`.
+        predict_query_token: the loss also predicts QUERY after BOS (the authors' loss).
         output_features: modalities of the feature-tied output head (our extension; empty = the
             paper's head): an ICD's logit also gets ``h . W f(ICD)``, so what is learnt about
             one ICD carries over to similar ICDs no gt sequence contains. Frozen CLIP only.
@@ -46,6 +54,8 @@ class LeverLMModule(L.LightningModule):
         clip_model / clip_pretrained: its open_clip name and local checkpoint (None = random).
         clip_lr: learning rate of the CLIP parameters (default: ``lr``).
         warmup_ratio: linear warmup over this fraction of all steps, then cosine to 0.
+        weight_decay_on: ``matrices`` (no decay on biases and LayerNorm gains) or ``all``
+            (every parameter, as the authors' AdamW).
         support_features / supporting_set / supporting_set_sha256 / task: recorded in the
             checkpoint (linked by the CLI) so decoding finds the features and images without
             extra flags, and checks that a store given instead was built for that collection.
@@ -65,7 +75,12 @@ class LeverLMModule(L.LightningModule):
         query_features: tuple[Modality, ...] = ("image",),
         icd_features: tuple[Modality, ...] = ("image", "text"),
         adapter: bool = True,
+        adapter_activation: Literal["gelu", "relu"] = "gelu",
+        adapter_hidden: int | None = None,
         normalize: bool = False,
+        normalize_at: Literal["before_adapter", "after_adapter"] = "before_adapter",
+        lstm_variant: Literal["leverlm", "authors"] = "leverlm",
+        predict_query_token: bool = False,
         output_features: tuple[Modality, ...] = (),
         output_ids: bool = True,
         clip_trainable: bool = False,
@@ -75,6 +90,7 @@ class LeverLMModule(L.LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 1e-3,
         warmup_ratio: float = 0.05,
+        weight_decay_on: Literal["matrices", "all"] = "matrices",
         support_features: str | None = None,
         supporting_set: str | None = None,
         supporting_set_sha256: str | None = None,
@@ -84,13 +100,18 @@ class LeverLMModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if lr <= 0 or weight_decay < 0 or not 0 <= warmup_ratio < 1:
-            raise ValueError(
+            raise LeverLMError(
                 f"model: need lr > 0, weight_decay >= 0, 0 <= warmup_ratio < 1; got lr={lr}, "
                 f"weight_decay={weight_decay}, warmup_ratio={warmup_ratio}"
             )
+        if weight_decay_on not in ("matrices", "all"):
+            raise LeverLMError(
+                f"model.weight_decay_on must be 'matrices' or 'all', got {weight_decay_on!r}"
+            )
+        refuse_query_text(task, query_features)
         self.clip: torch.nn.Module | None = None
         if clip_trainable and output_features:
-            raise ValueError(
+            raise LeverLMError(
                 "model.output_features needs frozen CLIP features (a feature store): with "
                 "clip_trainable the supporting set's features change every step"
             )
@@ -103,27 +124,14 @@ class LeverLMModule(L.LightningModule):
             feature_dim = int(self.clip.dim)
         elif feature_dim is None:
             if query_features or icd_features or output_features:
-                raise ValueError(
+                raise LeverLMError(
                     "model.feature_dim is unknown: give data.support_features (a feature store) or "
                     "model.feature_dim, or use indices only (empty query/icd_features)"
                 )
             feature_dim = n_embd
-        self.config = LeverLMConfig(
-            num_icds=num_icds,
-            backbone=backbone,
-            n_layer=n_layer,
-            n_embd=n_embd,
-            n_head=n_head,
-            n_positions=n_positions,
-            dropout=dropout,
-            feature_dim=feature_dim,
-            query_features=tuple(query_features),
-            icd_features=tuple(icd_features),
-            adapter=adapter,
-            normalize=normalize,
-            output_features=tuple(output_features),
-            output_ids=output_ids,
-        )
+        names = {f.name for f in fields(LeverLMConfig)}
+        options = {k: v for k, v in self.hparams.items() if k in names}
+        self.config = LeverLMConfig(**{**options, "feature_dim": feature_dim})
         self.model = LeverLMModel(self.config)
         self._table_bank: Any = None
 
@@ -169,7 +177,7 @@ class LeverLMModule(L.LightningModule):
             if bank is not None:  # moved to another device: move the bank with it
                 model.set_output_bank({m: t.to(self.device) for m, t in bank.items()})
                 return
-            raise ValueError(
+            raise LeverLMError(
                 "model.output_features needs the supporting set's features: train with a "
                 "data module that has a feature store (data.support_features), or call "
                 "model.set_output_bank(...)"
@@ -206,12 +214,12 @@ class LeverLMModule(L.LightningModule):
         decay, no_decay = [], []
         for _, p in self.model.named_parameters():
             if p.requires_grad:
-                # matrices (incl. the tied embedding) decay; biases and LayerNorm gains do not
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        groups = [
-            {"params": decay, "weight_decay": hp.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+                # matrices (incl. the tied embedding) decay; biases and LayerNorm gains do not,
+                # unless every parameter decays (weight_decay_on: all, the authors')
+                (decay if p.ndim >= 2 or hp.weight_decay_on == "all" else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
         if self.clip is not None:
             clip_params = [p for p in self.clip.parameters() if p.requires_grad]
             groups.append(
