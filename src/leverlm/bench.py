@@ -204,10 +204,7 @@ def _bench_lvlm(model_type: str, args: argparse.Namespace) -> Any:
     if args.model_dir:
         return load_lvlm(model_type, args.model_dir, args.task, **kw)
     folder = tempfile.mkdtemp(prefix=f"leverlm-bench-{model_type}-")
-    try:
-        path = build_tiny(model_type, f"{folder}/model", seed=args.seed, size=args.tiny_size)
-    except ValueError:  # this type has only the test size
-        path = build_tiny(model_type, f"{folder}/model", seed=args.seed)
+    path = build_tiny(model_type, f"{folder}/model", seed=args.seed, size=args.tiny_size)
     return load_lvlm(model_type, path, args.task, **kw)
 
 

@@ -49,7 +49,7 @@ import numpy as np
 from leverlm.data.prep.easyvqa import SHAPES
 from leverlm.demo_models import LVLM_TYPE, TASK
 from leverlm.demo_models.data import DemoModelsError, VQAData, draw_icds
-from leverlm.lvlm.tiny_interleaved import IDEFICS3_SPECIAL_TOKENS as SPECIAL_TOKENS
+from leverlm.lvlm.tiny import IDEFICS3_SPECIAL_TOKENS as SPECIAL_TOKENS
 from leverlm.tasks import EASYVQA_ANSWERS, NONCE_WORDS, get_task
 from leverlm.utils import atomic_write_json
 
