@@ -321,7 +321,7 @@ def _scoring_case(lvlm: Any, model_type: str, order: str, args: argparse.Namespa
     # warm-up: first-call costs (kernels, allocator, lazy imports) are not what we measure
     score_candidates(lvlm, prefixes[0], query, candidates[:2], order, batch_size=2)
     lvlm.feature_cache.clear()
-    getattr(lvlm, "_prefix_cache", {}).clear()
+    lvlm.prefix_cache.clear()
 
     # The FLOP count knows IDEFICS's layout (vision tower + perceiver + text model) only.
     countable = model_type == "idefics" and hasattr(lvlm, "config")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from PIL import Image
 
 from leverlm.lvlm import LVLMError, known_model_types, load_lvlm, register_lvlm
 from leverlm.lvlm.base import (
-    FeatureCache,
+    LRU,
+    LVLM,
     PromptImage,
     ScoreResult,
     _merge_text,
@@ -24,6 +26,7 @@ from leverlm.lvlm.base import (
     resolve_dtype,
     span_mask,
 )
+from leverlm.tasks import get_task
 
 
 def _loop_pad(seqs, pad, left):
@@ -82,29 +85,63 @@ def test_answer_logprobs_equal_full_vocab_reference():
         answer_token_logprobs(hidden, ids, span_mask(torch.tensor([0]), torch.tensor([2]), t), head)
 
 
-def test_feature_cache_lru_and_dedup():
-    imgs = [PromptImage(f"k{i}", Image.new("RGB", (4, 4), (i, 0, 0))) for i in range(4)]
-    computed = []
+def test_lru_evicts_the_least_recent():
+    cache = LRU(capacity=2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # a becomes most recent
+    cache.put("c", 3)  # evicts b
+    assert cache.get("b") is None and len(cache) == 2
+    assert cache.cached("b", lambda: 20) == 20  # computed and kept: evicts a
+    assert cache.get("a", "gone") == "gone" and cache.get("c") == 3
+    assert cache.cached("c", lambda: 99) == 3  # a hit computes nothing
+    assert (cache.hits, cache.misses) == (3, 3)
+    off = LRU(capacity=0)
+    off.put("x", 1)
+    assert len(off) == 0 and off.cached("x", lambda: 2) == 2 and len(off) == 0
+    with pytest.raises(LVLMError, match="capacity must be >= 0"):
+        LRU(-1)
 
-    def compute(batch):
-        computed.append([im.key for im in batch])
-        return [torch.full((2,), float(int(im.key[1:]))) for im in batch]
 
-    cache = FeatureCache(capacity=2)
-    out = cache.get([imgs[0], imgs[1], imgs[0]], compute)
-    assert computed == [["k0", "k1"]] and [float(o[0]) for o in out] == [0.0, 1.0, 0.0]
-    cache.get([imgs[0]], compute)  # hit: k0 becomes most recent
-    cache.get([imgs[2]], compute)  # evicts k1 (least recent)
-    assert computed[-1] == ["k2"] and len(cache) == 2
-    cache.get([imgs[1], imgs[0]], compute)
-    assert computed[-1] == ["k1"]
-    assert cache.hits == 2 and cache.misses == 4
-    cache.get([imgs[0], imgs[1]], compute)  # both kept: k2 was the least recent
-    assert computed[-1] == ["k1"] and cache.hits == 4
-    off = FeatureCache(capacity=0)
-    off.get([imgs[3]], compute)
-    off.get([imgs[3]], compute)
-    assert computed[-2:] == [["k3"], ["k3"]] and len(off) == 0
+class _Vision(LVLM):
+    """An LVLM with only a vision tower: records each vision forward's images."""
+
+    def __init__(self, **kwargs):
+        tok = SimpleNamespace(pad_token_id=0, eos_token_id=1, bos_token_id=None)
+        super().__init__(torch.nn.Linear(1, 1), tok, get_task("vqa"), **kwargs)
+        self.batches = []
+
+    def vision_features(self, images):
+        self.batches.append([im.key for im in images])
+        return [torch.full((2,), float(im.key[1:])) for im in images]
+
+    def hidden_states(self, span):
+        raise NotImplementedError
+
+    def reference_logits(self, enc):
+        raise NotImplementedError
+
+    def generate_inputs(self, ids, encs, reference=False):
+        raise NotImplementedError
+
+
+def test_image_features_dedup_cache_and_batches():
+    imgs = [PromptImage(f"k{i}", Image.new("RGB", (4, 4), (i, 0, 0))) for i in range(5)]
+    lvlm = _Vision(vision_batch_size=2, image_cache_size=8)
+    out = lvlm.image_features([imgs[0], imgs[1], imgs[0], imgs[2]])
+    assert [float(o[0]) for o in out] == [0.0, 1.0, 0.0, 2.0]
+    assert lvlm.batches == [["k0", "k1"], ["k2"]]  # each new image once, 2 per forward
+    lvlm.batches.clear()
+    lvlm.image_features([imgs[1], imgs[3]])  # only k3 is new
+    assert lvlm.batches == [["k3"]]
+    assert lvlm.feature_cache.hits == 1 and lvlm.feature_cache.misses == 4
+    assert all(f._base is None for f in lvlm.feature_cache._data.values())  # not batch views
+    off = _Vision(image_cache_size=0)
+    off.image_features(imgs[:1])
+    off.image_features(imgs[:1])
+    assert off.batches == [["k0"], ["k0"]] and len(off.feature_cache) == 0
+    with pytest.raises(LVLMError, match="vision_batch_size must be >= 1"):
+        _Vision(vision_batch_size=0)
 
 
 def test_image_identity_uses_pixels_not_only_key():

@@ -194,8 +194,8 @@ def test_bfloat16_load_scores(tiny_dir, samples):
 def test_vision_features_computed_once_per_image(tiny_dir, samples):
     lvlm = load_lvlm("idefics", tiny_dir, "vqa_idefics")
     calls = []
-    compute = lvlm._compute_features
-    lvlm._compute_features = lambda images: calls.append(len(images)) or compute(images)
+    compute = lvlm.vision_features
+    lvlm.vision_features = lambda images: calls.append(len(images)) or compute(images)
     prefix, query, candidates = samples[:2], samples[2], samples[3:9]
     first = score_candidates(lvlm, prefix, query, candidates, "left", batch_size=2)
     assert sum(calls) == 9  # 2 prefix + 1 query + 6 candidates, each once
@@ -212,8 +212,8 @@ def test_vision_features_computed_once_per_image(tiny_dir, samples):
 def test_prefix_encoded_once_per_prefix(tiny_dir, samples):
     lvlm = load_lvlm("idefics", tiny_dir, "vqa_idefics")
     calls = []
-    encode_prefix = lvlm._encode_prefix
-    lvlm._encode_prefix = lambda ids, images: calls.append(1) or encode_prefix(ids, images)
+    prefix_kv = lvlm._prefix_kv
+    lvlm._prefix_kv = lambda enc, p, k: calls.append(1) or prefix_kv(enc, p, k)
     score_candidates(lvlm, samples[:2], samples[2], samples[3:9], "right", batch_size=2)
     # the "without" row and three candidate batches share the same prefix: computed once
-    assert len(calls) == 4 and len(lvlm._prefix_cache) == 1
+    assert len(calls) == 4 and len(lvlm.prefix_cache) == 1
