@@ -85,6 +85,12 @@ def scoring_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
+        "--vision-batch-size",
+        type=int,
+        default=None,
+        help="images per vision forward (the adapter's vision_batch_size; default: its own)",
+    )
+    p.add_argument(
         "--reference-candidates",
         type=int,
         default=8,
@@ -133,8 +139,8 @@ def parse_scoring_args(argv: list[str]) -> argparse.Namespace:
     for order in args.orders:
         if order not in ("left", "right"):
             p.error(f"--orders: unknown order {order!r}; use left,right")
-    for name in ("candidates", "batch_size", "beams", "reference_candidates"):
-        if getattr(args, name) < 1:
+    for name in ("candidates", "batch_size", "beams", "reference_candidates", "vision_batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("shots", "threads"):
         if getattr(args, name) < 0:
@@ -200,7 +206,9 @@ def _bench_lvlm(model_type: str, args: argparse.Namespace) -> Any:
 
     if args.config_size == "real":
         return _REAL_BUILDERS[model_type](args)
-    kw = dict(dtype=args.dtype, device=args.device)
+    kw: dict[str, Any] = dict(dtype=args.dtype, device=args.device)
+    if args.vision_batch_size:
+        kw["vision_batch_size"] = args.vision_batch_size
     if args.model_dir:
         return load_lvlm(model_type, args.model_dir, args.task, **kw)
     folder = tempfile.mkdtemp(prefix=f"leverlm-bench-{model_type}-")
@@ -242,7 +250,8 @@ def _real_idefics(args: argparse.Namespace) -> Any:
         image_processor=IdeficsImageProcessor(image_size=config.vision_config.image_size),
         tokenizer=tokenizer,
     )
-    return IdeficsLVLM(model, processor, get_task(args.task), device=args.device, dtype=dtype)
+    kw = {"vision_batch_size": args.vision_batch_size} if args.vision_batch_size else {}
+    return IdeficsLVLM(model, processor, get_task(args.task), device=args.device, dtype=dtype, **kw)
 
 
 # model_type -> builder of a real-size random model (``--config-size real``)
@@ -367,6 +376,7 @@ def _scoring_case(lvlm: Any, model_type: str, order: str, args: argparse.Namespa
         "dtype": str(args.dtype),
         "config_size": args.config_size,
         "threads": torch.get_num_threads(),
+        "vision_batch_size": lvlm.vision_batch_size,
     }
     if counter is not None:
         achieved = counter.flops / sum(times)

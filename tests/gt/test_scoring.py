@@ -153,6 +153,7 @@ def test_bench_scoring_arguments(capsys):
         ("--orders left,up", "unknown order 'up'"),
         ("--models idefics,llava", "unknown model type 'llava'"),
         ("--candidates 0", "--candidates must be >= 1"),
+        ("--vision-batch-size 0", "--vision-batch-size must be >= 1"),
         ("--image-size 64", "--image-size must be WxH"),
         ("--peak-tflops -1", "--peak-tflops must be > 0"),
         ("--models qwen2_vl --config-size real", "--config-size real is available for: idefics"),
@@ -177,11 +178,13 @@ def test_bench_scoring_runs_end_to_end(capsys):
 
     argv = "bench scoring --models idefics --tiny-size test --candidates 3 --shots 1 --beams 2"
     argv += " --reference-candidates 2 --image-size 48x40 --batch-size 2 --peak-tflops 1"
+    argv += " --vision-batch-size 2"
     assert main(argv.split()) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert [(r["model"], r["order"]) for r in lines] == [("idefics", "left"), ("idefics", "right")]
     for r in lines:
         assert r["bench"] == "scoring" and r["candidates"] == 3 and r["shots"] == 1
+        assert r["vision_batch_size"] == 2
         assert r["fast_per_s"] > 0 and r["reference_per_s"] > 0
         assert r["ratio"] == pytest.approx(r["fast_per_s"] / r["reference_per_s"], rel=0.02)
         assert r["max_abs_diff"] < 1e-4  # the bench also checks the fast path's numbers

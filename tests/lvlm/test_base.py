@@ -125,21 +125,23 @@ class _Vision(LVLM):
         raise NotImplementedError
 
 
-def test_image_features_dedup_cache_and_batches():
-    imgs = [PromptImage(f"k{i}", Image.new("RGB", (4, 4), (i, 0, 0))) for i in range(5)]
-    lvlm = _Vision(vision_batch_size=2, image_cache_size=8)
-    out = lvlm.image_features([imgs[0], imgs[1], imgs[0], imgs[2]])
-    assert [float(o[0]) for o in out] == [0.0, 1.0, 0.0, 2.0]
-    assert lvlm.batches == [["k0", "k1"], ["k2"]]  # each new image once, 2 per forward
+def test_image_features_dedup_cache_and_canonical_batches():
+    small = [PromptImage(f"k{i}", Image.new("RGB", (4, 4), (i, 0, 0))) for i in range(5)]
+    wide = [PromptImage(f"k{i}", Image.new("RGB", (8, 4), (i, 0, 0))) for i in range(5, 7)]
+    lvlm = _Vision(vision_batch_size=3, image_cache_size=8)
+    out = lvlm.image_features([small[0], wide[0], small[1], small[0], small[2], small[3]])
+    assert [float(o[0]) for o in out] == [0.0, 5.0, 1.0, 0.0, 2.0, 3.0]
+    # one size per forward, always 3 images: short batches padded with their last image
+    assert lvlm.batches == [["k0", "k1", "k2"], ["k3", "k3", "k3"], ["k5", "k5", "k5"]]
     lvlm.batches.clear()
-    lvlm.image_features([imgs[1], imgs[3]])  # only k3 is new
-    assert lvlm.batches == [["k3"]]
-    assert lvlm.feature_cache.hits == 1 and lvlm.feature_cache.misses == 4
+    lvlm.image_features([small[1], small[4], wide[1], wide[0]])  # only k4 and k6 are new
+    assert lvlm.batches == [["k4", "k4", "k4"], ["k6", "k6", "k6"]]
+    assert lvlm.feature_cache.hits == 2 and lvlm.feature_cache.misses == 7
     assert all(f._base is None for f in lvlm.feature_cache._data.values())  # not batch views
-    off = _Vision(image_cache_size=0)
-    off.image_features(imgs[:1])
-    off.image_features(imgs[:1])
-    assert off.batches == [["k0"], ["k0"]] and len(off.feature_cache) == 0
+    alone = _Vision(image_cache_size=0)
+    alone.image_features(small[:2])
+    alone.image_features(small[:1])
+    assert alone.batches == [["k0"], ["k1"], ["k0"]] and len(alone.feature_cache) == 0
     with pytest.raises(LVLMError, match="vision_batch_size must be >= 1"):
         _Vision(vision_batch_size=0)
 

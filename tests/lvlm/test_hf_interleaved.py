@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.invariance import assert_features_batch_invariant, assert_scores_batch_invariant
 
 from leverlm.gt.scoring import score_candidates, score_candidates_reference
 from leverlm.lvlm import load_lvlm
@@ -162,6 +163,22 @@ def test_images_reach_the_model_and_features_are_cached(lvlms, samples, model_ty
     again = lvlm.score([[icd]], [query])
     assert lvlm.feature_cache.hits == hits + 2
     _close(again.sum_logprob, a.sum_logprob)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("vision_batch_size", [1, 4])
+def test_features_and_scores_are_batch_invariant(lvlms, samples, model_type, vision_batch_size):
+    lvlm = lvlms(model_type)
+    assert_features_batch_invariant(lvlm, samples[::2], vision_batch_size)
+    lvlm.vision_batch_size = vision_batch_size
+    try:
+        for order in ("left", "right"):
+            prefix, query, candidates = [samples[0], samples[13]], samples[2], samples[3:7]
+            assert_scores_batch_invariant(
+                lvlm, prefix, query, candidates + samples[11:13], samples[7:10], order
+            )
+    finally:
+        lvlm.vision_batch_size = 1
 
 
 def test_prompt_template(folders, samples):

@@ -7,7 +7,9 @@ The base class :class:`LVLM` owns everything that is the same for all families:
   ``task.query_text``), joined by ``task.icd_join``; the scored answer is kept apart;
 * **tokens** (:meth:`LVLM.encode`): text between images tokenised chunk by chunk (cached),
   image placeholders from the adapter, the answer tokens identified exactly;
-* **vision features** (:meth:`LVLM.image_features`): once per distinct image (LRU);
+* **vision features** (:meth:`LVLM.image_features`): once per distinct image (LRU), each new
+  image encoded in a canonical batch, so its features never depend on what shares its batch,
+  what was cached before, the process or the run (see :meth:`LVLM.encode_images`);
 * **scoring**: :meth:`LVLM.score` (right padding, ``lm_head`` at answer positions only),
   :meth:`LVLM.score_with_prefix` (the shared instruction + ICD prefix encoded once, its KV
   cache kept in an LRU and expanded over the batch) and :meth:`LVLM.score_reference` (one
@@ -508,7 +510,10 @@ class LVLM(abc.ABC):
 
     Args:
         image_cache_size: images whose vision features are kept (LRU).
-        vision_batch_size: images per vision forward when filling the feature cache.
+        vision_batch_size: images per vision forward. Every vision forward gets exactly this
+            many images of one input shape (the last batch padded with copies), so an image's
+            features never depend on its batch. 1 (each image alone) is the cheapest on a
+            CPU; accelerators gain from more.
         prefix_cache_size: shared-prefix KV caches kept (LRU) across ``score_with_prefix``
             calls (a beam step scores one prefix's candidates in several batches).
         token_cache_size, layout_cache_size: tokenised text chunks and image placeholder
@@ -532,7 +537,7 @@ class LVLM(abc.ABC):
         dtype: str | torch.dtype = "float32",
         max_length: int | None = None,
         image_cache_size: int = 4096,
-        vision_batch_size: int = 16,
+        vision_batch_size: int = 1,
         prefix_cache_size: int = 8,
         token_cache_size: int = 65536,
         layout_cache_size: int = 65536,
@@ -573,6 +578,12 @@ class LVLM(abc.ABC):
     ) -> dict[str, Any]:
         """Image inputs of ``model.generate`` for left-padded ``ids`` (``reference``: raw
         pixels rather than cached features, where the family has both)."""
+
+    def vision_shape(self, image: PromptImage) -> Hashable:
+        """What an image's vision input shape depends on: only images with equal keys share a
+        vision forward. Default: the source size and mode (processors map equal sizes to equal
+        shapes); families that resize every image to one size return a constant."""
+        return image.image.size, image.image.mode
 
     def layout(self, image: PromptImage) -> Any:
         """What an image's placeholder run depends on (tiles, grid); hashable, cached."""
@@ -781,12 +792,28 @@ class LVLM(abc.ABC):
         return [found[img.ident] for img in images]
 
     def encode_images(self, images: list[PromptImage]) -> list[torch.Tensor]:
-        """Vision features of ``images``, ``vision_batch_size`` images per vision forward."""
-        out: list[torch.Tensor] = []
-        for start in range(0, len(images), self.vision_batch_size):
-            batch = images[start : start + self.vision_batch_size]
-            # copies: a view would keep the whole batch alive
-            out += [feat.clone() for feat in self.vision_features(batch)]
+        """Vision features of ``images``, each computed in a canonical batch.
+
+        Images are grouped by :meth:`vision_shape`; every vision forward gets exactly
+        ``vision_batch_size`` images of one group (the last batch padded with copies of its
+        last image). Kernels then see the same shapes whatever else is encoded, so an image's
+        features are bitwise the same alone, in any batch, after any cache history, in any
+        process, on one machine and thread count (the tests check every family, batch slots
+        included, on the CPU; on an accelerator this needs kernels deterministic for a shape).
+        """
+        groups: dict[Hashable, list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(self.vision_shape(img), []).append(i)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(images)
+        n = self.vision_batch_size
+        for members in groups.values():
+            for start in range(0, len(members), n):
+                chunk = members[start : start + n]
+                batch = [images[i] for i in chunk]
+                feats = self.vision_features(batch + [batch[-1]] * (n - len(batch)))
+                for i, feat in zip(chunk, feats, strict=False):
+                    # a copy: a view would keep the whole batch (and its padding) alive
+                    out[i] = feat.clone()
         return out
 
     def stacked_features(

@@ -50,7 +50,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +269,9 @@ class FlamingoLVLM(LVLM):
         """``[N, 3, H, W]`` through open_clip's transform, in the model's dtype."""
         dtype = next(self.model.parameters()).dtype
         return torch.stack([self.image_processor(im.image) for im in images]).to(self.device, dtype)
+
+    def vision_shape(self, image: PromptImage) -> Hashable:
+        return None  # open_clip's transform crops every image to one square
 
     def vision_features(self, images: list[PromptImage]) -> list[torch.Tensor]:
         """Perceiver latents ``[n_latents, d]`` of each image (as ``_encode_vision_x``)."""

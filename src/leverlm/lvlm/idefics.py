@@ -15,7 +15,7 @@ attend to - its own plus the prefix's last image, which the suffix's first token
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
@@ -99,6 +99,9 @@ class IdeficsLVLM(LVLM):
         pv = self.processor.image_processor([im.image for im in images], return_tensors="pt")
         pv = getattr(pv, "pixel_values", pv)
         return pv.to(self.device, dtype=self.model.dtype)
+
+    def vision_shape(self, image: PromptImage) -> Hashable:
+        return None  # every image is resized to the vision tower's square
 
     def vision_features(self, images: list[PromptImage]) -> list[torch.Tensor]:
         inner = self.model.model
