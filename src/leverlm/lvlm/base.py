@@ -928,7 +928,8 @@ class LVLM(abc.ABC):
             torch.cat([attn.new_ones(b, p), attn], dim=1),
             self.position_ids(encs, ids.shape[1], p),
             [e.images[k:] for e in encs],
-            [e.images[k - 1] if k else None for e in encs],
+            # the shared prefix's last image: one object, so its identity is hashed once
+            [encs[0].images[k - 1] if k else None] * b,
             [e.query_key for e in encs],
             None if prefix_kv is None else expand_kv_cache(prefix_kv, b, self.kv_config),
         )
