@@ -15,6 +15,7 @@ from leverlm.lvlm import LVLMError, known_model_types, load_lvlm, register_lvlm
 from leverlm.lvlm.base import (
     LRU,
     LVLM,
+    LVLMSpec,
     PromptImage,
     ScoreResult,
     _merge_text,
@@ -209,3 +210,36 @@ def test_conf_lvlm_fragments_are_load_lvlm_arguments(tmp_path):
     tiny = OmegaConf.to_container(OmegaConf.load(folder / "idefics-tiny.yaml"))
     tiny["path"] = build_tiny("idefics", tmp_path / "tiny")
     assert load_lvlm(**tiny).task.name == "vqa"
+    assert LVLMSpec.from_dict(tiny).check().load().task.name == "vqa"  # fragments are specs
+
+
+def test_lvlm_spec_checks_each_field_and_loads(tmp_path, monkeypatch):
+    from leverlm.lvlm.idefics import IdeficsLVLM
+    from leverlm.lvlm.tiny import build_tiny
+
+    build_tiny("idefics", tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    spec = LVLMSpec("idefics", "tiny", "vqa", kwargs={"vision_batch_size": 2})
+    checked = spec.check()
+    assert checked.path == str(tmp_path / "tiny") and checked.kwargs == spec.kwargs
+    with pytest.raises(LVLMError, match=r"unknown LVLM setting\(s\) \['pth'\]; known: model_type"):
+        LVLMSpec.from_dict({"model_type": "idefics", "pth": "x", "task": "vqa"})
+    bad = {
+        "model_type='gpt5'; known: flamingo": dict(model_type="gpt5"),
+        "loader='nocolon' must be 'module:function'": dict(loader="nocolon"),
+        "dtype: unknown dtype 'int3'": dict(dtype="int3"),
+        "task: unknown task": dict(task="nope"),
+        "path is empty": dict(path=""),
+        "path: checkpoint folder .*missing' does not exist": dict(path="missing"),
+        "image_cache_size must be >= 0": dict(image_cache_size=-1),
+    }
+    for message, change in bad.items():
+        with pytest.raises(LVLMError, match=message):
+            LVLMSpec.from_dict({**vars(spec), **change}).check()
+    lvlm = checked.load(device="cpu")
+    assert isinstance(lvlm, IdeficsLVLM) and lvlm.vision_batch_size == 2
+    assert lvlm.feature_cache.capacity == 4096 and lvlm.task.name == "vqa"
+    custom = LVLMSpec("custom", checked.path, "vqa", loader="leverlm.lvlm.hf_interleaved:load")
+    with pytest.raises(LVLMError, match="cannot load model_type 'custom'"):
+        custom.check().load()  # registered first: the loader itself refuses the type
+    assert "custom" in known_model_types()

@@ -22,7 +22,7 @@ with its images and an optional prefix KV cache), :meth:`LVLM.reference_logits`,
 :meth:`LVLM.generate_inputs`, the image placeholder ids and, where they differ, position ids,
 the LM head and the KV cache config.
 
-Loading: :func:`load_lvlm` through a registry
+Loading: :class:`LVLMSpec` (typed settings) or :func:`load_lvlm` through a registry
 ``model_type -> "module:function"`` whose modules are imported lazily; the loader is called as
 ``loader(model_type=..., path=..., task=..., dtype=..., device=..., attn_implementation=...,
 **kwargs) -> LVLM``.
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import importlib
 import zlib
 from collections import OrderedDict
@@ -199,6 +200,82 @@ def load_lvlm(
             f"{str(path)!r} is neither a local folder nor a model in the local Hugging Face "
             f"cache (runs are offline): {err}"
         ) from err
+
+
+@dataclass(frozen=True)
+class LVLMSpec:
+    """Which LVLM a job uses and how it is loaded: the settings shared by the gt and eval jobs.
+
+    Args:
+        model_type: one of :func:`known_model_types` (or any name when ``loader`` is given).
+        path: checkpoint folder or hub id.
+        task: task name (:func:`leverlm.tasks.get_task`).
+        loader: ``"module:function"`` registered for ``model_type`` before loading.
+        kwargs: adapter options (``vision_batch_size``, ``template``, cache sizes, ...).
+    """
+
+    model_type: str
+    path: str
+    task: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    attn_implementation: str | None = None
+    image_cache_size: int = 4096
+    loader: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LVLMSpec:
+        """A spec from a config mapping; unknown keys are refused by name."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise LVLMError(f"unknown LVLM setting(s) {unknown}; known: {', '.join(names)}")
+        return cls(**values)
+
+    def check(self) -> LVLMSpec:
+        """Validate without loading (type, dtype, task, local folder); returns the spec with a
+        local ``path`` made absolute. Errors name the field."""
+        if not self.loader and self.model_type not in known_model_types():
+            raise LVLMError(
+                f"model_type={self.model_type!r}; known: {', '.join(known_model_types())}"
+            )
+        if self.loader and ":" not in self.loader:
+            raise LVLMError(f"loader={self.loader!r} must be 'module:function'")
+        try:
+            resolve_dtype(self.dtype)
+        except LVLMError as err:
+            raise LVLMError(f"dtype: {err}") from err
+        try:
+            get_task(self.task)
+        except TaskError as err:
+            raise LVLMError(f"task: {err}") from err
+        if self.image_cache_size < 0:
+            raise LVLMError(f"image_cache_size must be >= 0, got {self.image_cache_size}")
+        if not self.path:
+            raise LVLMError("path is empty: give the LVLM checkpoint folder")
+        path = str(self.path)
+        if is_local_path(path):
+            try:
+                path = str(check_checkpoint_dir(path).resolve())
+            except LVLMError as err:
+                raise LVLMError(f"path: {err}") from err
+        return dataclasses.replace(self, path=path)
+
+    def load(self, device: str | torch.device | None = None) -> LVLM:
+        """The frozen adapter (on ``device`` when given, else on the spec's device)."""
+        if self.loader:
+            register_lvlm(self.model_type, self.loader)
+        return load_lvlm(
+            self.model_type,
+            self.path,
+            self.task,
+            dtype=self.dtype,
+            device=self.device if device is None else device,
+            attn_implementation=self.attn_implementation,
+            image_cache_size=self.image_cache_size,
+            **self.kwargs,
+        )
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
