@@ -214,9 +214,11 @@ def test_conf_lvlm_fragments_are_load_lvlm_arguments(tmp_path):
 
 
 def test_lvlm_spec_checks_each_field_and_loads(tmp_path, monkeypatch):
+    import leverlm.lvlm
     from leverlm.lvlm.idefics import IdeficsLVLM
     from leverlm.lvlm.tiny import build_tiny
 
+    assert leverlm.lvlm.LVLMSpec is LVLMSpec  # exported by the package
     build_tiny("idefics", tmp_path / "tiny")
     monkeypatch.chdir(tmp_path)
     spec = LVLMSpec("idefics", "tiny", "vqa", kwargs={"vision_batch_size": 2})
