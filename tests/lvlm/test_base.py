@@ -219,6 +219,8 @@ def test_lvlm_spec_checks_each_field_and_loads(tmp_path, monkeypatch):
     from leverlm.lvlm.tiny import build_tiny
 
     assert leverlm.lvlm.LVLMSpec is LVLMSpec  # exported by the package
+    # the loader this test registers must not outlive it
+    monkeypatch.setattr(leverlm.lvlm.base, "_LOADERS", dict(leverlm.lvlm.base._LOADERS))
     build_tiny("idefics", tmp_path / "tiny")
     monkeypatch.chdir(tmp_path)
     spec = LVLMSpec("idefics", "tiny", "vqa", kwargs={"vision_batch_size": 2})
@@ -227,7 +229,7 @@ def test_lvlm_spec_checks_each_field_and_loads(tmp_path, monkeypatch):
     with pytest.raises(LVLMError, match=r"unknown LVLM setting\(s\) \['pth'\]; known: model_type"):
         LVLMSpec.from_dict({"model_type": "idefics", "pth": "x", "task": "vqa"})
     bad = {
-        "model_type='gpt5'; known: flamingo": dict(model_type="gpt5"),
+        "model_type='gpt5'; known: .*flamingo, idefics": dict(model_type="gpt5"),
         "loader='nocolon' must be 'module:function'": dict(loader="nocolon"),
         "dtype: unknown dtype 'int3'": dict(dtype="int3"),
         "task: unknown task": dict(task="nope"),
