@@ -10,8 +10,8 @@ from leverlm.bench import bench_select, bench_train
 
 def test_select_bench_reports_rates_and_checks_parity(capsys):
     (rec,) = bench_select(
-        ["--num-icds", "40", "--n-embd", "32", "--n-head", "2", "--feature-dim", "16",
-         "--queries", "6", "--batch-size", "4", "--reference-queries", "2", "--threads", "1"]
+        ["--num_icds", "40", "--n_embd", "32", "--n_head", "2", "--feature_dim", "16",
+         "--queries", "6", "--batch_size", "4", "--reference_queries", "2", "--threads", "1"]
     )  # fmt: skip
     assert rec["bench"] == "select" and rec["shots"] == 8
     assert rec["same_selections"] is True  # batched + cached picks what the reference picks
@@ -21,8 +21,8 @@ def test_select_bench_reports_rates_and_checks_parity(capsys):
 
 def test_train_bench_runs_both_paths():
     (rec,) = bench_train(
-        ["--num-icds", "40", "--n-embd", "32", "--n-head", "2", "--clip-model", "leverlm-tiny-clip",
-         "--batch-size", "4", "--steps", "1", "--clip-batch-size", "2", "--threads", "1"]
+        ["--num_icds", "40", "--n_embd", "32", "--n_head", "2", "--clip_model", "leverlm-tiny-clip",
+         "--batch_size", "4", "--steps", "1", "--clip_batch_size", "2", "--threads", "1"]
     )  # fmt: skip
     assert rec["bench"] == "train" and rec["store_seq_per_s"] > 0 and rec["clip_seq_per_s"] > 0
     assert rec["feature_dim"] == 128  # the tiny CLIP's output size
@@ -37,11 +37,11 @@ def test_bench_options_are_checked_and_threads_restored():
     with pytest.raises(SystemExit):
         bench_select(["--shots", "0"])
     with pytest.raises(SystemExit):
-        bench_select(["--queries", "4", "--reference-queries", "5"])
+        bench_select(["--queries", "4", "--reference_queries", "5"])
     with pytest.raises(SystemExit):
         bench_train(["--steps", "0"])
-    bench_select(["--num-icds", "20", "--n-embd", "16", "--n-head", "2", "--feature-dim", "8",
-                  "--queries", "2", "--reference-queries", "1", "--threads", "2"])  # fmt: skip
+    bench_select(["--num_icds", "20", "--n_embd", "16", "--n_head", "2", "--feature_dim", "8",
+                  "--queries", "2", "--reference_queries", "1", "--threads", "2"])  # fmt: skip
     assert torch.get_num_threads() == before
 
 
@@ -51,8 +51,8 @@ def test_bench_scoring_arguments(capsys):
     args = parse_scoring_args([])
     assert args.models == ["idefics", "idefics2"] and args.orders == ["left", "right"]
     assert (args.candidates, args.shots, args.batch_size) == (64, 2, 32)
-    gpu_argv = ["--device", "cuda", "--dtype", "bfloat16", "--config-size", "real"]
-    gpu = parse_scoring_args([*gpu_argv, "--peak-tflops", "989"])
+    gpu_argv = ["--device", "cuda", "--dtype", "bfloat16", "--config_size", "real"]
+    gpu = parse_scoring_args([*gpu_argv, "--peak_tflops", "989"])
     assert (gpu.device, gpu.dtype, gpu.config_size, gpu.peak_tflops) == (
         "cuda",
         "bfloat16",
@@ -64,9 +64,9 @@ def test_bench_scoring_arguments(capsys):
         ("--orders left,up", "unknown order 'up'"),
         ("--models idefics,llava", "unknown model type 'llava'"),
         ("--candidates 0", "--candidates must be >= 1"),
-        ("--image-size 64", "--image-size must be WxH"),
-        ("--peak-tflops -1", "--peak-tflops must be > 0"),
-        ("--models qwen2_vl --config-size real", "--config-size real is available for: idefics"),
+        ("--image_size 64", "--image_size must be WxH"),
+        ("--peak_tflops -1", "--peak_tflops must be > 0"),
+        ("--models qwen2_vl --config_size real", "--config_size real is available for: idefics"),
     ]:
         with pytest.raises(SystemExit):
             parse_scoring_args(bad.split())
@@ -86,8 +86,8 @@ def test_bench_scoring_runs_end_to_end(capsys):
 
     from leverlm.cli import main
 
-    argv = "bench scoring --models idefics --tiny-size test --candidates 3 --shots 1 --beams 2"
-    argv += " --reference-candidates 2 --image-size 48x40 --batch-size 2 --peak-tflops 1"
+    argv = "bench scoring --models idefics --tiny_size test --candidates 3 --shots 1 --beams 2"
+    argv += " --reference_candidates 2 --image_size 48x40 --batch_size 2 --peak_tflops 1"
     assert main(argv.split()) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert [(r["model"], r["order"]) for r in lines] == [("idefics", "left"), ("idefics", "right")]

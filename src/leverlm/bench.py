@@ -93,7 +93,7 @@ def scoring_parser() -> argparse.ArgumentParser:
         "--models",
         default=None,
         help="comma-separated model types, or 'all' for every type whose tiny model builds here "
-        "(default: idefics,idefics2; idefics with --config-size real)",
+        "(default: idefics,idefics2; idefics with --config_size real)",
     )
     p.add_argument("--orders", default="left,right", help="comma-separated: left,right")
     p.add_argument("--candidates", type=int, default=64)
@@ -106,33 +106,39 @@ def scoring_parser() -> argparse.ArgumentParser:
         "step score the same candidates (paper: beam 5); the first call starts with an empty "
         "feature cache, so fast_per_s includes computing every image's features once",
     )
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=32)
     p.add_argument(
-        "--reference-candidates",
+        "--vision_batch_size",
+        type=int,
+        default=None,
+        help="images per vision forward (the adapter's vision_batch_size; default: its own)",
+    )
+    p.add_argument(
+        "--reference_candidates",
         type=int,
         default=8,
         help="candidates timed on the reference path (its rate is per candidate)",
     )
     p.add_argument("--task", default="vqa_idefics")
-    p.add_argument("--image-size", default="640x480", help="synthetic source images, WxH")
+    p.add_argument("--image_size", default="640x480", help="synthetic source images, WxH")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument(
-        "--config-size",
+        "--config_size",
         choices=("tiny", "real"),
         default="tiny",
         help="tiny: the 'bench' tiny model (a checkpoint folder through load_lvlm); real: the "
         "real architecture (IDEFICS-9B) randomly initialised from its config on --device",
     )
     p.add_argument(
-        "--tiny-size",
+        "--tiny_size",
         choices=("test", "bench"),
         default="bench",
-        help="size of the tiny model built for --config-size tiny",
+        help="size of the tiny model built for --config_size tiny",
     )
-    p.add_argument("--model-dir", default=None, help="load this checkpoint instead (one model)")
+    p.add_argument("--model_dir", default=None, help="load this checkpoint instead (one model)")
     p.add_argument(
-        "--peak-tflops",
+        "--peak_tflops",
         type=float,
         default=None,
         help="device peak TFLOP/s; adds the fast path's achieved fraction of it",
@@ -156,15 +162,20 @@ def parse_scoring_args(argv: list[str]) -> argparse.Namespace:
     for order in args.orders:
         if order not in ("left", "right"):
             p.error(f"--orders: unknown order {order!r}; use left,right")
-    _check_at_least(p, args, 1, ["candidates", "batch_size", "beams", "reference_candidates"])
+    _check_at_least(
+        p,
+        args,
+        1,
+        ["candidates", "batch_size", "beams", "reference_candidates", "vision_batch_size"],
+    )
     _check_at_least(p, args, 0, ["shots", "threads"])
     try:
         w, h = (int(x) for x in args.image_size.lower().split("x"))
     except ValueError:
-        p.error(f"--image-size must be WxH, got {args.image_size!r}")
+        p.error(f"--image_size must be WxH, got {args.image_size!r}")
     args.image_size = (w, h)
     if args.peak_tflops is not None and args.peak_tflops <= 0:
-        p.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+        p.error(f"--peak_tflops must be > 0, got {args.peak_tflops}")
     from leverlm.lvlm.tiny import tiny_model_types
 
     known = tiny_model_types()
@@ -178,10 +189,10 @@ def parse_scoring_args(argv: list[str]) -> argparse.Namespace:
             if m not in known:
                 p.error(f"--models: unknown model type {m!r}; known: {', '.join(known)}")
     if args.model_dir and len(args.models) != 1:
-        p.error("--model-dir needs exactly one --models type")
+        p.error("--model_dir needs exactly one --models type")
     if args.config_size == "real" and any(m not in _REAL_BUILDERS for m in args.models):
         p.error(
-            f"--config-size real is available for: {', '.join(_REAL_BUILDERS)} "
+            f"--config_size real is available for: {', '.join(_REAL_BUILDERS)} "
             f"(got --models {','.join(args.models)})"
         )
     return args
@@ -221,14 +232,13 @@ def _bench_lvlm(model_type: str, args: argparse.Namespace) -> Any:
 
     if args.config_size == "real":
         return _REAL_BUILDERS[model_type](args)
-    kw = dict(dtype=args.dtype, device=args.device)
+    kw: dict[str, Any] = dict(dtype=args.dtype, device=args.device)
+    if args.vision_batch_size:
+        kw["vision_batch_size"] = args.vision_batch_size
     if args.model_dir:
         return load_lvlm(model_type, args.model_dir, args.task, **kw)
     folder = tempfile.mkdtemp(prefix=f"leverlm-bench-{model_type}-")
-    try:
-        path = build_tiny(model_type, f"{folder}/model", seed=args.seed, size=args.tiny_size)
-    except ValueError:  # this type has only the test size
-        path = build_tiny(model_type, f"{folder}/model", seed=args.seed)
+    path = build_tiny(model_type, f"{folder}/model", seed=args.seed, size=args.tiny_size)
     return load_lvlm(model_type, path, args.task, **kw)
 
 
@@ -266,10 +276,11 @@ def _real_idefics(args: argparse.Namespace) -> Any:
         image_processor=IdeficsImageProcessor(image_size=config.vision_config.image_size),
         tokenizer=tokenizer,
     )
-    return IdeficsLVLM(model, processor, get_task(args.task), device=args.device, dtype=dtype)
+    kw = {"vision_batch_size": args.vision_batch_size} if args.vision_batch_size else {}
+    return IdeficsLVLM(model, processor, get_task(args.task), device=args.device, dtype=dtype, **kw)
 
 
-# model_type -> builder of a real-size random model (``--config-size real``)
+# model_type -> builder of a real-size random model (``--config_size real``)
 _REAL_BUILDERS: dict[str, Callable[[argparse.Namespace], Any]] = {"idefics": _real_idefics}
 
 
@@ -338,7 +349,7 @@ def _scoring_case(lvlm: Any, model_type: str, order: str, args: argparse.Namespa
     # warm-up: first-call costs (kernels, allocator, lazy imports) are not what we measure
     score_candidates(lvlm, prefixes[0], query, candidates[:2], order, batch_size=2)
     lvlm.feature_cache.clear()
-    getattr(lvlm, "_prefix_cache", {}).clear()
+    lvlm.prefix_cache.clear()
 
     # The FLOP count knows IDEFICS's layout (vision tower + perceiver + text model) only.
     countable = model_type == "idefics" and hasattr(lvlm, "config")
@@ -384,6 +395,7 @@ def _scoring_case(lvlm: Any, model_type: str, order: str, args: argparse.Namespa
         "dtype": str(args.dtype),
         "config_size": args.config_size,
         "threads": torch.get_num_threads(),
+        "vision_batch_size": lvlm.vision_batch_size,
     }
     if counter is not None:
         achieved = counter.flops / sum(times)
@@ -400,12 +412,12 @@ def _scoring_case(lvlm: Any, model_type: str, order: str, args: argparse.Namespa
 def _lever_parser(name: str, description: str) -> argparse.ArgumentParser:
     """The options the Lever-LM benches share."""
     p = argparse.ArgumentParser(prog=f"leverlm bench {name}", description=description)
-    p.add_argument("--num-icds", type=int, default=20_000, help="supporting-set size (vocabulary)")
-    p.add_argument("--n-embd", type=int, default=512)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=8)
+    p.add_argument("--num_icds", type=int, default=20_000, help="supporting-set size (vocabulary)")
+    p.add_argument("--n_embd", type=int, default=512)
+    p.add_argument("--n_layer", type=int, default=2)
+    p.add_argument("--n_head", type=int, default=8)
     p.add_argument(
-        "--feature-dim", type=int, default=512, help="CLIP feature size (train: the CLIP's own)"
+        "--feature_dim", type=int, default=512, help="CLIP feature size (train: the CLIP's own)"
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
@@ -417,8 +429,8 @@ def _check_at_least(
     p: argparse.ArgumentParser, args: argparse.Namespace, low: int, names: list[str]
 ) -> None:
     for name in names:
-        if getattr(args, name) < low:
-            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            p.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
 
 
 def _model(
@@ -448,12 +460,12 @@ def train_parser() -> argparse.ArgumentParser:
         "train", "Lever-LM training sequences/s: features from the store vs frozen CLIP per batch"
     )
     p.add_argument("--shots", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--steps", type=int, default=3, help="timed steps on the store path")
-    p.add_argument("--clip-batch-size", type=int, default=4, help="batch on the CLIP path")
-    p.add_argument("--clip-steps", type=int, default=1, help="timed steps on the CLIP path")
+    p.add_argument("--clip_batch_size", type=int, default=4, help="batch on the CLIP path")
+    p.add_argument("--clip_steps", type=int, default=1, help="timed steps on the CLIP path")
     p.add_argument(
-        "--clip-model", default="ViT-B-32", help="open_clip architecture (random weights)"
+        "--clip_model", default="ViT-B-32", help="open_clip architecture (random weights)"
     )
     return p
 
@@ -579,8 +591,8 @@ def select_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shots", type=int, default=8)
     p.add_argument("--queries", type=int, default=128, help="queries decoded on the fast path")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--reference-queries", type=int, default=4, help="queries on the reference path")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--reference_queries", type=int, default=4, help="queries on the reference path")
     return p
 
 
@@ -659,7 +671,7 @@ def bench_select(argv: list[str]) -> list[dict[str, Any]]:
     args = p.parse_args(argv)
     _check_at_least(p, args, 1, ["num_icds", "shots", "queries", "batch_size", "reference_queries"])
     if args.reference_queries > args.queries:
-        p.error("--reference-queries must be <= --queries")
+        p.error("--reference_queries must be <= --queries")
     with _threads(args.threads):
         return _bench_select(args, p)
 

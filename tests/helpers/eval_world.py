@@ -139,7 +139,7 @@ def echo_lvlm(**kwargs: Any) -> Any:
     """The tiny IDEFICS whose ``generate`` answers with the answer of the ICD next to the query
     ("no" without ICDs), after building its prompts the adapter's way: gives the metric a
     non-trivial spread across methods."""
-    from leverlm.lvlm.idefics import load
+    from leverlm.lvlm.hf_interleaved import load
 
     lvlm = load(**{**kwargs, "model_type": "idefics"})
 

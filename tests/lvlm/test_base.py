@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from PIL import Image
 
 from leverlm.lvlm import LVLMError, known_model_types, load_lvlm, register_lvlm
 from leverlm.lvlm.base import (
-    FeatureCache,
+    LRU,
+    LVLM,
+    LVLMSpec,
     PromptImage,
     ScoreResult,
     _merge_text,
@@ -24,6 +27,7 @@ from leverlm.lvlm.base import (
     resolve_dtype,
     span_mask,
 )
+from leverlm.tasks import get_task
 
 
 def _loop_pad(seqs, pad, left):
@@ -82,29 +86,65 @@ def test_answer_logprobs_equal_full_vocab_reference():
         answer_token_logprobs(hidden, ids, span_mask(torch.tensor([0]), torch.tensor([2]), t), head)
 
 
-def test_feature_cache_lru_and_dedup():
-    imgs = [PromptImage(f"k{i}", Image.new("RGB", (4, 4), (i, 0, 0))) for i in range(4)]
-    computed = []
+def test_lru_evicts_the_least_recent():
+    cache = LRU(capacity=2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # a becomes most recent
+    cache.put("c", 3)  # evicts b
+    assert cache.get("b") is None and len(cache) == 2
+    assert cache.cached("b", lambda: 20) == 20  # computed and kept: evicts a
+    assert cache.get("a", "gone") == "gone" and cache.get("c") == 3
+    assert cache.cached("c", lambda: 99) == 3  # a hit computes nothing
+    assert (cache.hits, cache.misses) == (3, 3)
+    off = LRU(capacity=0)
+    off.put("x", 1)
+    assert len(off) == 0 and off.cached("x", lambda: 2) == 2 and len(off) == 0
+    with pytest.raises(LVLMError, match="capacity must be >= 0"):
+        LRU(-1)
 
-    def compute(batch):
-        computed.append([im.key for im in batch])
-        return [torch.full((2,), float(int(im.key[1:]))) for im in batch]
 
-    cache = FeatureCache(capacity=2)
-    out = cache.get([imgs[0], imgs[1], imgs[0]], compute)
-    assert computed == [["k0", "k1"]] and [float(o[0]) for o in out] == [0.0, 1.0, 0.0]
-    cache.get([imgs[0]], compute)  # hit: k0 becomes most recent
-    cache.get([imgs[2]], compute)  # evicts k1 (least recent)
-    assert computed[-1] == ["k2"] and len(cache) == 2
-    cache.get([imgs[1], imgs[0]], compute)
-    assert computed[-1] == ["k1"]
-    assert cache.hits == 2 and cache.misses == 4
-    cache.get([imgs[0], imgs[1]], compute)  # both kept: k2 was the least recent
-    assert computed[-1] == ["k1"] and cache.hits == 4
-    off = FeatureCache(capacity=0)
-    off.get([imgs[3]], compute)
-    off.get([imgs[3]], compute)
-    assert computed[-2:] == [["k3"], ["k3"]] and len(off) == 0
+class _Vision(LVLM):
+    """An LVLM with only a vision tower: records each vision forward's images."""
+
+    def __init__(self, **kwargs):
+        tok = SimpleNamespace(pad_token_id=0, eos_token_id=1, bos_token_id=None)
+        super().__init__(torch.nn.Linear(1, 1), tok, get_task("vqa"), **kwargs)
+        self.batches = []
+
+    def vision_features(self, images):
+        self.batches.append([im.key for im in images])
+        return [torch.full((2,), float(im.key[1:])) for im in images]
+
+    def hidden_states(self, span):
+        raise NotImplementedError
+
+    def reference_logits(self, enc):
+        raise NotImplementedError
+
+    def generate_inputs(self, ids, encs, reference=False):
+        raise NotImplementedError
+
+
+def test_image_features_dedup_cache_and_canonical_batches():
+    small = [PromptImage(f"k{i}", Image.new("RGB", (4, 4), (i, 0, 0))) for i in range(5)]
+    wide = [PromptImage(f"k{i}", Image.new("RGB", (8, 4), (i, 0, 0))) for i in range(5, 7)]
+    lvlm = _Vision(vision_batch_size=3, image_cache_size=8)
+    out = lvlm.image_features([small[0], wide[0], small[1], small[0], small[2], small[3]])
+    assert [float(o[0]) for o in out] == [0.0, 5.0, 1.0, 0.0, 2.0, 3.0]
+    # one size per forward, always 3 images: short batches padded with their last image
+    assert lvlm.batches == [["k0", "k1", "k2"], ["k3", "k3", "k3"], ["k5", "k5", "k5"]]
+    lvlm.batches.clear()
+    lvlm.image_features([small[1], small[4], wide[1], wide[0]])  # only k4 and k6 are new
+    assert lvlm.batches == [["k4", "k4", "k4"], ["k6", "k6", "k6"]]
+    assert lvlm.feature_cache.hits == 2 and lvlm.feature_cache.misses == 7
+    assert all(f._base is None for f in lvlm.feature_cache._data.values())  # not batch views
+    alone = _Vision(image_cache_size=0)
+    alone.image_features(small[:2])
+    alone.image_features(small[:1])
+    assert alone.batches == [["k0"], ["k1"], ["k0"]] and len(alone.feature_cache) == 0
+    with pytest.raises(LVLMError, match="vision_batch_size must be >= 1"):
+        _Vision(vision_batch_size=0)
 
 
 def test_image_identity_uses_pixels_not_only_key():
@@ -170,3 +210,40 @@ def test_conf_lvlm_fragments_are_load_lvlm_arguments(tmp_path):
     tiny = OmegaConf.to_container(OmegaConf.load(folder / "idefics-tiny.yaml"))
     tiny["path"] = build_tiny("idefics", tmp_path / "tiny")
     assert load_lvlm(**tiny).task.name == "vqa"
+    assert LVLMSpec.from_dict(tiny).check().load().task.name == "vqa"  # fragments are specs
+
+
+def test_lvlm_spec_checks_each_field_and_loads(tmp_path, monkeypatch):
+    import leverlm.lvlm
+    from leverlm.lvlm.idefics import IdeficsLVLM
+    from leverlm.lvlm.tiny import build_tiny
+
+    assert leverlm.lvlm.LVLMSpec is LVLMSpec  # exported by the package
+    # the loader this test registers must not outlive it
+    monkeypatch.setattr(leverlm.lvlm.base, "_LOADERS", dict(leverlm.lvlm.base._LOADERS))
+    build_tiny("idefics", tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    spec = LVLMSpec("idefics", "tiny", "vqa", kwargs={"vision_batch_size": 2})
+    checked = spec.check()
+    assert checked.path == str(tmp_path / "tiny") and checked.kwargs == spec.kwargs
+    with pytest.raises(LVLMError, match=r"unknown LVLM setting\(s\) \['pth'\]; known: model_type"):
+        LVLMSpec.from_dict({"model_type": "idefics", "pth": "x", "task": "vqa"})
+    bad = {
+        "model_type='gpt5'; known: .*flamingo, idefics": dict(model_type="gpt5"),
+        "loader='nocolon' must be 'module:function'": dict(loader="nocolon"),
+        "dtype: unknown dtype 'int3'": dict(dtype="int3"),
+        "task: unknown task": dict(task="nope"),
+        "path is empty": dict(path=""),
+        "path: checkpoint folder .*missing' does not exist": dict(path="missing"),
+        "image_cache_size must be >= 0": dict(image_cache_size=-1),
+    }
+    for message, change in bad.items():
+        with pytest.raises(LVLMError, match=message):
+            LVLMSpec.from_dict({**vars(spec), **change}).check()
+    lvlm = checked.load(device="cpu")
+    assert isinstance(lvlm, IdeficsLVLM) and lvlm.vision_batch_size == 2
+    assert lvlm.feature_cache.capacity == 4096 and lvlm.task.name == "vqa"
+    custom = LVLMSpec("custom", checked.path, "vqa", loader="leverlm.lvlm.hf_interleaved:load")
+    with pytest.raises(LVLMError, match="cannot load model_type 'custom'"):
+        custom.check().load()  # registered first: the loader itself refuses the type
+    assert "custom" in known_model_types()

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from helpers.invariance import assert_features_batch_invariant, assert_scores_batch_invariant
 
 from leverlm.gt.scoring import score_candidates, score_candidates_reference
 from leverlm.lvlm import load_lvlm
@@ -87,6 +88,20 @@ def test_score_candidates_match_reference(lvlm, samples, order):
         _close(
             score_candidates(lvlm, prefix, query, candidates, order, "logprob_sum", batch_size), ref
         )
+
+
+@pytest.mark.parametrize("vision_batch_size", [1, 4])
+def test_features_and_scores_are_batch_invariant(lvlm, samples, vision_batch_size):
+    assert_features_batch_invariant(lvlm, samples[::2] + samples[11:], vision_batch_size)
+    lvlm.vision_batch_size = vision_batch_size
+    try:
+        for order in ("left", "right"):
+            prefix, query, candidates = [samples[0], samples[12]], samples[2], samples[3:7]
+            assert_scores_batch_invariant(
+                lvlm, prefix, query, candidates + samples[10:12], samples[7:10], order
+            )
+    finally:
+        lvlm.vision_batch_size = 1
 
 
 def test_images_reach_the_model(lvlm, samples):

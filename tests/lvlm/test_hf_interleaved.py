@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.invariance import assert_features_batch_invariant, assert_scores_batch_invariant
 
 from leverlm.gt.scoring import score_candidates, score_candidates_reference
 from leverlm.lvlm import load_lvlm
@@ -134,15 +135,15 @@ def test_score_with_prefix_matches_reference(lvlms, samples, model_type):
     prefix = [samples[10], samples[14]]
     suffixes = [[samples[0]], [], [samples[1], samples[13]], [samples[2]]]
     queries = [samples[5], samples[5], samples[6], samples[15]]
-    lvlm._prefix_cache.clear()
+    lvlm.prefix_cache.clear()
     fast = lvlm.score_with_prefix(prefix, suffixes, queries)
     ref = lvlm.score_reference([prefix + s for s in suffixes], queries)
     _close(fast.sum_logprob, ref.sum_logprob)
     _close(fast.mean_logprob, ref.mean_logprob)
     assert torch.equal(fast.num_tokens, ref.num_tokens)
-    assert len(lvlm._prefix_cache) == 1
+    assert len(lvlm.prefix_cache) == 1
     again = lvlm.score_with_prefix(prefix, suffixes[:2], queries[:2])  # reuses the prefix KV
-    assert len(lvlm._prefix_cache) == 1
+    assert len(lvlm.prefix_cache) == 1
     _close(again.sum_logprob, fast.sum_logprob[:2])
 
 
@@ -162,6 +163,22 @@ def test_images_reach_the_model_and_features_are_cached(lvlms, samples, model_ty
     again = lvlm.score([[icd]], [query])
     assert lvlm.feature_cache.hits == hits + 2
     _close(again.sum_logprob, a.sum_logprob)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("vision_batch_size", [1, 4])
+def test_features_and_scores_are_batch_invariant(lvlms, samples, model_type, vision_batch_size):
+    lvlm = lvlms(model_type)
+    assert_features_batch_invariant(lvlm, samples[::2], vision_batch_size)
+    lvlm.vision_batch_size = vision_batch_size
+    try:
+        for order in ("left", "right"):
+            prefix, query, candidates = [samples[0], samples[13]], samples[2], samples[3:7]
+            assert_scores_batch_invariant(
+                lvlm, prefix, query, candidates + samples[11:13], samples[7:10], order
+            )
+    finally:
+        lvlm.vision_batch_size = 1
 
 
 def test_prompt_template(folders, samples):
@@ -193,7 +210,7 @@ def test_prompt_template(folders, samples):
 def test_mrope_positions_equal_the_models(lvlms, samples, model_type):
     lvlm = lvlms(model_type)
     enc = lvlm.encode(lvlm.build_prompt([samples[0], samples[12]], samples[13]))
-    grids = [lvlm._layout(im) for im in enc.images]
+    grids = [lvlm.layout(im) for im in enc.images]
     assert len({g for g in grids}) == 2  # two image sizes -> two grids
     ids = torch.tensor([enc.input_ids])
     expected, _ = lvlm.model.model.get_rope_index(

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from helpers.invariance import assert_features_batch_invariant, assert_scores_batch_invariant
 
 from leverlm.gt.scoring import score_candidates
 from leverlm.lvlm import LVLMError, load_lvlm
@@ -194,8 +195,8 @@ def test_bfloat16_load_scores(tiny_dir, samples):
 def test_vision_features_computed_once_per_image(tiny_dir, samples):
     lvlm = load_lvlm("idefics", tiny_dir, "vqa_idefics")
     calls = []
-    compute = lvlm._compute_features
-    lvlm._compute_features = lambda images: calls.append(len(images)) or compute(images)
+    compute = lvlm.vision_features
+    lvlm.vision_features = lambda images: calls.append(len(images)) or compute(images)
     prefix, query, candidates = samples[:2], samples[2], samples[3:9]
     first = score_candidates(lvlm, prefix, query, candidates, "left", batch_size=2)
     assert sum(calls) == 9  # 2 prefix + 1 query + 6 candidates, each once
@@ -212,8 +213,22 @@ def test_vision_features_computed_once_per_image(tiny_dir, samples):
 def test_prefix_encoded_once_per_prefix(tiny_dir, samples):
     lvlm = load_lvlm("idefics", tiny_dir, "vqa_idefics")
     calls = []
-    encode_prefix = lvlm._encode_prefix
-    lvlm._encode_prefix = lambda ids, images: calls.append(1) or encode_prefix(ids, images)
+    prefix_kv = lvlm._prefix_kv
+    lvlm._prefix_kv = lambda enc, p, k: calls.append(1) or prefix_kv(enc, p, k)
     score_candidates(lvlm, samples[:2], samples[2], samples[3:9], "right", batch_size=2)
     # the "without" row and three candidate batches share the same prefix: computed once
-    assert len(calls) == 4 and len(lvlm._prefix_cache) == 1
+    assert len(calls) == 4 and len(lvlm.prefix_cache) == 1
+
+
+@pytest.mark.parametrize("vision_batch_size", [1, 4])
+def test_features_and_scores_are_batch_invariant(lvlm, samples, vision_batch_size):
+    other_size = synthetic_samples(3, seed=8, image_size=(40, 72), key_prefix="other")
+    assert_features_batch_invariant(lvlm, samples[:6] + other_size, vision_batch_size)
+    lvlm.vision_batch_size = vision_batch_size
+    try:
+        for order in ("left", "right"):
+            prefix, query = samples[:2], samples[2]
+            candidates = samples[3:7] + other_size[:2]
+            assert_scores_batch_invariant(lvlm, prefix, query, candidates, samples[7:11], order)
+    finally:
+        lvlm.vision_batch_size = 1

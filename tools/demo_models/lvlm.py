@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from leverlm.data.prep.easyvqa import SHAPES
-from leverlm.lvlm.tiny_interleaved import IDEFICS3_SPECIAL_TOKENS as SPECIAL_TOKENS
+from leverlm.lvlm.tiny import IDEFICS3_SPECIAL_TOKENS as SPECIAL_TOKENS
 from leverlm.tasks import EASYVQA_ANSWERS, NONCE_WORDS, get_task
 from leverlm.utils import atomic_replace_dir, atomic_write_json
 from tools.demo_models import LVLM_TYPE, TASK

@@ -56,6 +56,7 @@ def score_candidates(
     order: str = "left",
     metric: str = "infoscore",
     batch_size: int = 32,
+    reference: bool = False,
 ) -> torch.Tensor:
     """``[K]`` gain of each candidate over the current ICD sequence ``prefix_icds`` (fast path).
 
@@ -64,6 +65,9 @@ def score_candidates(
         order: ``left`` (``[d] + S``) or ``right`` (``S + [d]``).
         metric: ``infoscore`` | ``logprob_mean`` | ``logprob_sum`` (see :func:`score_gain`).
         batch_size: candidates per LVLM forward (the paper: 32).
+        reference: the straightforward path instead: each candidate alone through
+            ``LVLM.score_reference`` (full forward, full logits, no caches; ``batch_size``
+            unused).
     """
     import torch
 
@@ -73,6 +77,12 @@ def score_candidates(
     if not candidates:
         return torch.zeros(0)
     prefix = list(prefix_icds)
+    if reference:
+        without = lvlm.score_reference([prefix], [query])
+        parts = [
+            lvlm.score_reference([with_candidate(prefix, d, order)], [query]) for d in candidates
+        ]
+        return score_gain(ScoreResult.cat(parts), without, metric)
     if order == "right":
         without = lvlm.score_with_prefix(prefix, [[]], [query])
     else:
@@ -87,31 +97,9 @@ def score_candidates(
     return score_gain(ScoreResult.cat(parts), without, metric)
 
 
-def score_candidates_reference(
-    lvlm: LVLM,
-    prefix_icds: Sequence[Sample],
-    query: Sample,
-    candidates: Sequence[Sample],
-    order: str = "left",
-    metric: str = "infoscore",
-    batch_size: int = 32,
-) -> torch.Tensor:
-    """The straightforward path: each candidate alone, full forward, full logits, no caches.
-
-    ``batch_size`` is accepted for signature parity and ignored.
-    """
-    import torch
-
-    from leverlm.lvlm.base import ScoreResult
-
-    _validate(lvlm, prefix_icds, query, candidates, order, metric, max(1, batch_size))
-    if not candidates:
-        return torch.zeros(0)
-    without = lvlm.score_reference([list(prefix_icds)], [query])
-    parts = [
-        lvlm.score_reference([with_candidate(prefix_icds, d, order)], [query]) for d in candidates
-    ]
-    return score_gain(ScoreResult.cat(parts), without, metric)
+def score_candidates_reference(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """:func:`score_candidates` on the straightforward path (``reference=True``)."""
+    return score_candidates(*args, **kwargs, reference=True)
 
 
 def _check_order(order: str) -> None:

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from leverlm.lvlm.base import (
         LVLM,
         LVLMError,
+        LVLMSpec,
         ScoreResult,
         known_model_types,
         load_lvlm,
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LVLM",
     "LVLMError",
+    "LVLMSpec",
     "ScoreResult",
     "known_model_types",
     "load_lvlm",

@@ -39,14 +39,10 @@ Compatibility with transformers 5 (this environment has 5.x and torch 2.x):
   transformers 5 (tested on a tiny MPT): delete ``auto_map`` from the MPT folder's
   ``config.json`` to use it. Llama-family LMs work as well (the default tiny model).
 
-Fast scoring path, checked against :meth:`~leverlm.lvlm.base.LVLM.score_reference`:
-
-* perceiver latents once per distinct image (no media-time embeddings in OpenFlamingo, so an
-  image's latents do not depend on the other images of the prompt), LRU-cached;
-* the LM body alone for hidden states, ``lm_head`` only at answer positions, right padding;
-* the shared prefix (instruction + ICDs, ``order=right``) encoded once with its KV cache. The
-  suffix starts at the new ICD's ``<image>``, so its tokens cross-attend only to the suffix's
-  own images, numbered from the suffix start (the prefix's images stay in the KV cache).
+The fast path feeds cached perceiver latents (no media-time embeddings in OpenFlamingo, so an
+image's latents do not depend on the other images of the prompt) and runs the LM body alone.
+A cached prefix (instruction + ICDs) is used when the suffix starts at the new ICD's
+``<image>``: its tokens then cross-attend only to the suffix's own images.
 """
 
 from __future__ import annotations
@@ -54,8 +50,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,17 +61,10 @@ from leverlm.lvlm.base import (
     EncodedPrompt,
     LVLMError,
     PromptImage,
-    Sample,
-    ScoreResult,
+    Span,
     TokenizerInfo,
-    answer_token_logprobs,
     check_checkpoint_dir,
-    expand_kv_cache,
-    kv_cache_tensors,
-    pad_left,
-    pad_right,
     resolve_dtype,
-    span_mask,
 )
 from leverlm.tasks import Task
 
@@ -241,40 +229,17 @@ class FlamingoLVLM(LVLM):
         image_processor: Any,
         tokenizer: Any,
         task: Task,
-        *,
-        device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "float32",
-        image_cache_size: int = 4096,
-        vision_batch_size: int = 16,
-        prefix_cache_size: int = 4,
+        **kwargs: Any,
     ) -> None:
-        """Wrap a loaded Flamingo (see :func:`load`).
-
-        Args:
-            image_processor: open_clip's image transform (PIL image -> ``[3, H, W]``).
-            vision_batch_size: images per vision-tower forward when filling the feature cache.
-            prefix_cache_size: shared-prefix KV caches kept (LRU) across calls.
-        """
-        lm = model.lang_encoder
+        """Wrap a loaded Flamingo (see :func:`load`); ``image_processor`` is open_clip's
+        transform (PIL image -> ``[3, H, W]``), ``kwargs`` :class:`LVLM` options."""
         super().__init__(
-            model,
-            tokenizer,
-            task,
-            device=device,
-            dtype=dtype,
-            max_length=_context_length(lm.config),
-            image_cache_size=image_cache_size,
+            model, tokenizer, task, max_length=_context_length(model.lang_encoder.config), **kwargs
         )
         self.image_processor = image_processor
         self.media_token_id = int(model.media_token_id)
         self.eoc_token_id = int(model.eoc_token_id)
-        if vision_batch_size < 1:
-            raise LVLMError(f"vision_batch_size must be >= 1, got {vision_batch_size}")
-        self.vision_batch_size = vision_batch_size
-        self._prefix_cache: OrderedDict[tuple, list] = OrderedDict()
-        self._prefix_cache_size = prefix_cache_size
 
-    # -- tokenizer --------------------------------------------------------------------------
     def tokenizer_info(self) -> TokenizerInfo:
         """BOS only if the tokenizer itself prepends one (GPT-NeoX/MPT tokenizers do not)."""
         info = super().tokenizer_info()
@@ -288,6 +253,14 @@ class FlamingoLVLM(LVLM):
     def lm(self) -> torch.nn.Module:
         return self.model.lang_encoder
 
+    @property
+    def lm_head(self) -> Any:
+        return self.lm.get_output_embeddings()
+
+    @property
+    def kv_config(self) -> Any:
+        return self.lm.config
+
     def _layers(self) -> list[torch.nn.Module]:
         return list(self.lm._get_decoder_layers())
 
@@ -297,32 +270,19 @@ class FlamingoLVLM(LVLM):
         dtype = next(self.model.parameters()).dtype
         return torch.stack([self.image_processor(im.image) for im in images]).to(self.device, dtype)
 
-    def _compute_features(self, images: list[PromptImage]) -> list[torch.Tensor]:
+    def vision_shape(self, image: PromptImage) -> Hashable:
+        return None  # open_clip's transform crops every image to one square
+
+    def vision_features(self, images: list[PromptImage]) -> list[torch.Tensor]:
         """Perceiver latents ``[n_latents, d]`` of each image (as ``_encode_vision_x``)."""
-        out: list[torch.Tensor] = []
-        for start in range(0, len(images), self.vision_batch_size):
-            pixels = self._pixels(images[start : start + self.vision_batch_size])
-            tokens = self.model.vision_encoder(pixels)[1]  # [n, v, d]
-            latents = self.model.perceiver(tokens[:, None, None])  # [n, 1, n_latents, d]
-            out.extend(latents[:, 0].unbind(0))
-        return out
+        tokens = self.model.vision_encoder(self._pixels(images))[1]  # [n, v, d]
+        latents = self.model.perceiver(tokens[:, None, None])  # [n, 1, n_latents, d]
+        return list(latents[:, 0].unbind(0))
 
     def _vis_x(self, rows: Sequence[Sequence[PromptImage]]) -> torch.Tensor:
         """``[B, N, n_latents, d]`` cached latents of each row's images, zero-padded."""
-        flat = [im for row in rows for im in row]
-        n = max(1, max((len(r) for r in rows), default=0))
-        if not flat:
-            d = self.model.vis_dim
-            latents = self.model.perceiver.latents
-            return latents.new_zeros(len(rows), n, latents.shape[0], d)
-        feats = self.feature_cache.get(flat, self._compute_features)
-        out = feats[0].new_zeros(len(rows), n, *feats[0].shape)
-        i = 0
-        for b, row in enumerate(rows):
-            if row:
-                out[b, : len(row)] = torch.stack(feats[i : i + len(row)])
-                i += len(row)
-        return out
+        latents = self.model.perceiver.latents
+        return self.stacked_features(rows, latents.new_zeros(latents.shape[0], self.model.vis_dim))
 
     def _condition(self, vis_x: torch.Tensor, media_locations: torch.Tensor) -> None:
         for layer in self._layers():
@@ -330,7 +290,26 @@ class FlamingoLVLM(LVLM):
             layer.condition_media_locations(media_locations)
             layer.condition_use_cached_media(False)
 
-    # -- reference --------------------------------------------------------------------------
+    # -- forward pieces ---------------------------------------------------------------------
+    def can_split(self, enc: EncodedPrompt) -> bool:
+        # The suffix must start at the new image's <image>: its tokens then see only the
+        # suffix's images (cross-attention goes to the latest image before a token), numbered
+        # from the suffix start; the prefix's images stay in the KV cache.
+        return enc.input_ids[enc.prefix_len] == self.media_token_id
+
+    def hidden_states(self, span: Span) -> torch.Tensor:
+        self._condition(self._vis_x(span.images), span.ids == self.media_token_id)
+        try:
+            return self.lm.base_model(
+                input_ids=span.ids,
+                attention_mask=span.attention_mask,
+                position_ids=span.position_ids,
+                cache=span.cache,
+                use_cache=span.cache is not None,
+            ).last_hidden_state
+        finally:
+            self.lm.clear_conditioned_layers()
+
     def reference_logits(self, enc: EncodedPrompt) -> torch.Tensor:
         """``Flamingo.forward`` of one prompt on raw pixels (full logits), without its
         deprecated ``past_key_values`` argument: encode the images, condition, run the LM."""
@@ -347,174 +326,39 @@ class FlamingoLVLM(LVLM):
             self.lm.clear_conditioned_layers()
         return out.logits[0]
 
-    # -- fast scoring -----------------------------------------------------------------------
-    def _hidden(
-        self,
-        ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        vis_x: torch.Tensor,
-        media_locations: torch.Tensor,
-        cache: Any = None,
-    ) -> torch.Tensor:
-        self._condition(vis_x, media_locations)
-        try:
-            return self.lm.base_model(
-                input_ids=ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=cache is not None,
-            ).last_hidden_state
-        finally:
-            self.lm.clear_conditioned_layers()
-
-    def score(self, icd_seqs: Sequence[Sequence[Sample]], queries: Sequence[Sample]) -> ScoreResult:
-        """Answer log-likelihoods, fast path: cached latents, answer-only logits."""
-        encs = self.encode_pairs(icd_seqs, queries)
-        if not encs:
-            return ScoreResult.cat([])
-        with torch.inference_mode(), self.autocast():
-            return self._score_encoded(encs)
-
-    def _score_encoded(self, encs: Sequence[EncodedPrompt]) -> ScoreResult:
-        ids, attn = pad_right([e.input_ids for e in encs], self.tok.pad_id, self.device)
-        positions = torch.arange(ids.shape[1], device=self.device)[None].expand(len(encs), -1)
-        hidden = self._hidden(
-            ids, attn, positions, self._vis_x([e.images for e in encs]), ids == self.media_token_id
-        )
-        starts = torch.tensor([e.answer_start for e in encs], device=self.device)
-        answer_mask = span_mask(starts, attn.sum(-1), ids.shape[1])
-        lp = answer_token_logprobs(hidden, ids, answer_mask, self.lm.get_output_embeddings())
-        return ScoreResult.from_token_logprobs(lp, answer_mask).to("cpu")
-
-    def score_with_prefix(
-        self,
-        prefix_icds: Sequence[Sample],
-        suffix_icd_seqs: Sequence[Sequence[Sample]],
-        queries: Sequence[Sample],
-    ) -> ScoreResult:
-        """Score ``prefix_icds + suffix`` per row; instruction + prefix ICDs are encoded once."""
-        if len(suffix_icd_seqs) != len(queries):
-            raise LVLMError(
-                f"got {len(suffix_icd_seqs)} suffix ICD sequences but {len(queries)} queries"
-            )
-        if not prefix_icds:
-            return self.score(suffix_icd_seqs, queries)
-        encs = []
-        for suffix, query in zip(suffix_icd_seqs, queries, strict=True):
-            enc = self.encode(
-                self.build_prompt(list(prefix_icds) + list(suffix), query),
-                split_image=len(prefix_icds),
-            )
-            if enc.num_answer_tokens == 0:
-                raise LVLMError(f"query {enc.query_key!r} has an answer with no tokens")
-            self.check_length(enc)
-            encs.append(enc)
-        if not encs:
-            return ScoreResult.cat([])
-        p, k = encs[0].prefix_len, encs[0].prefix_images
-        prefix_ids = encs[0].input_ids[:p]
-        with torch.inference_mode(), self.autocast():
-            # The suffix must start at the new image's <image>: its tokens then see only the
-            # suffix's images (cross-attention goes to the latest image before a token).
-            if (
-                p == 0
-                or any(e.prefix_len != p or e.input_ids[:p] != prefix_ids for e in encs)
-                or any(e.input_ids[p] != self.media_token_id for e in encs)
-            ):
-                return self._score_encoded(encs)
-            prefix_kv = self._encode_prefix(encs[0], p, k)
-            return self._score_suffixes(encs, p, k, prefix_kv)
-
-    def _encode_prefix(self, enc: EncodedPrompt, p: int, k: int) -> list:
-        """KV cache of tokens ``:p`` (with the first ``k`` images), LRU-cached across calls."""
-        images = enc.images[:k]
-        key = (tuple(enc.input_ids[:p]), tuple(im.ident for im in images))
-        hit = self._prefix_cache.get(key)
-        if hit is not None:
-            self._prefix_cache.move_to_end(key)
-            return hit
-        from transformers import DynamicCache
-
-        ids = torch.tensor([enc.input_ids[:p]], device=self.device)
-        cache = DynamicCache(config=self.lm.config)
-        self._hidden(
-            ids,
-            torch.ones_like(ids),
-            torch.arange(p, device=self.device)[None],
-            self._vis_x([images]),
-            ids == self.media_token_id,
-            cache=cache,
-        )
-        kv = kv_cache_tensors(cache)
-        self._prefix_cache[key] = kv
-        if len(self._prefix_cache) > self._prefix_cache_size:
-            self._prefix_cache.popitem(last=False)
-        return kv
-
-    def _score_suffixes(
-        self, encs: Sequence[EncodedPrompt], p: int, k: int, prefix_kv: list
-    ) -> ScoreResult:
-        b = len(encs)
-        ids, attn = pad_right([e.input_ids[p:] for e in encs], self.tok.pad_id, self.device)
-        rows = [list(e.images[k:]) for e in encs]
-        media = ids == self.media_token_id
-        positions = p + torch.arange(ids.shape[1], device=self.device)[None].expand(b, -1)
-        hidden = self._hidden(
-            ids,
-            torch.cat([attn.new_ones(b, p), attn], dim=1),
-            positions,
-            self._vis_x(rows),
-            media,
-            cache=expand_kv_cache(prefix_kv, b, self.lm.config),
-        )
-        starts = torch.tensor([e.answer_start - p for e in encs], device=self.device)
-        answer_mask = span_mask(starts, attn.sum(-1), ids.shape[1])
-        lp = answer_token_logprobs(hidden, ids, answer_mask, self.lm.get_output_embeddings())
-        return ScoreResult.from_token_logprobs(lp, answer_mask).to("cpu")
-
     # -- generation -------------------------------------------------------------------------
-    def generate(
-        self,
-        icd_seqs: Sequence[Sequence[Sample]],
-        queries: Sequence[Sample],
-        **generation_kwargs: Any,
-    ) -> list[str]:
-        """``Flamingo.generate`` with cached latents: left padding, the task's settings,
-        generation stops at ``<|endofchunk|>`` (OpenFlamingo's convention), post-processed."""
-        kw = self.generation_kwargs(**generation_kwargs)
-        encs = self.encode_pairs(
-            icd_seqs, queries, with_answer=False, extra_tokens=int(kw["max_new_tokens"])
-        )
-        if not encs:
-            return []
-        ids, attn = pad_left([e.input_ids for e in encs], self.tok.pad_id, self.device)
-        beams = int(kw.get("num_beams", 1))
+    def generation_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        """Generation stops at ``<|endofchunk|>`` (OpenFlamingo's convention)."""
+        kw = super().generation_kwargs(**overrides)
         kw.setdefault("eos_token_id", self.eoc_token_id)
         kw.setdefault("bad_words_ids", [[self.media_token_id]])
-        with torch.inference_mode(), self.autocast():
-            vis_x = self._vis_x([e.images for e in encs])
-            if beams > 1:
-                vis_x = vis_x.repeat_interleave(beams, dim=0)
-            # What Flamingo.generate does after _encode_vision_x: the LM reuses the
-            # conditioned images while it generates token by token.
-            for layer in self._layers():
-                layer.condition_vis_x(vis_x)
-            self.lm._use_cached_vision_x = True
-            try:
-                out = self.lm.generate(
-                    input_ids=ids,
-                    attention_mask=attn,
-                    pad_token_id=self.tok.pad_id,
-                    do_sample=False,
-                    **kw,
-                )
-            finally:
-                self.lm.clear_conditioned_layers()
-                self.lm._use_cached_vision_x = False
-        texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-        return [self.task.postprocess(t) for t in texts]
+        return kw
+
+    def generate_inputs(
+        self, ids: torch.Tensor, encs: Sequence[EncodedPrompt], reference: bool = False
+    ) -> dict[str, Any]:
+        return {}  # the images enter through the conditioned layers (generation_context)
+
+    @property
+    def generation_model(self) -> Any:
+        return self.lm
+
+    @contextlib.contextmanager
+    def generation_context(self, encs: Sequence[EncodedPrompt], kw: dict[str, Any]) -> Any:
+        """What ``Flamingo.generate`` does after ``_encode_vision_x``, with cached latents:
+        the LM reuses the conditioned images while it generates token by token."""
+        vis_x = self._vis_x([e.images for e in encs])
+        beams = int(kw.get("num_beams", 1))
+        if beams > 1:
+            vis_x = vis_x.repeat_interleave(beams, dim=0)
+        for layer in self._layers():
+            layer.condition_vis_x(vis_x)
+        self.lm._use_cached_vision_x = True
+        try:
+            yield
+        finally:
+            self.lm.clear_conditioned_layers()
+            self.lm._use_cached_vision_x = False
 
 
 def _context_length(config: Any) -> int | None:
@@ -544,7 +388,6 @@ def load(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
-    image_cache_size: int = 4096,
     **kwargs: Any,
 ) -> FlamingoLVLM:
     """Load OpenFlamingo from a folder (``flamingo.json`` + checkpoint), frozen, on ``device``.
@@ -552,7 +395,7 @@ def load(
     ``kwargs``: Flamingo settings overriding ``flamingo.json`` (``clip_vision_encoder_path``,
     ``clip_vision_encoder_pretrained``, ``lang_encoder_path``, ``tokenizer_path``,
     ``cross_attn_every_n_layers``, ``checkpoint``, ``decoder_layers_attr_name``) and adapter
-    options (``vision_batch_size``, ``prefix_cache_size``). ``attn_implementation`` is not
+    options (cache sizes, ``vision_batch_size``). ``attn_implementation`` is not
     supported (open_flamingo builds the LM itself).
     """
     if model_type != "flamingo":
@@ -566,12 +409,5 @@ def load(
     model, image_processor, tokenizer = create_flamingo(spec, folder)
     model = model.to(device=device, dtype=resolve_dtype(dtype))
     return FlamingoLVLM(
-        model,
-        image_processor,
-        tokenizer,
-        task,
-        device=device,
-        dtype=dtype,
-        image_cache_size=image_cache_size,
-        **kwargs,
+        model, image_processor, tokenizer, task, device=device, dtype=dtype, **kwargs
     )

@@ -16,27 +16,19 @@ default, see :class:`PromptTemplate`), tokenised exactly as the processor would 
 * Qwen2-VL / Qwen2.5-VL: ``<|vision_start|>`` + ``<|image_pad|>`` x (grid_h * grid_w / 4) +
   ``<|vision_end|>``.
 
-Fast scoring path (:meth:`HFInterleavedLVLM.score`, :meth:`HFInterleavedLVLM.score_with_prefix`),
-checked against :meth:`~leverlm.lvlm.base.LVLM.score_reference` (the model's own forward on raw
-pixels, one prompt at a time, full logits):
+The fast path writes the cached vision features into the token embeddings at the
+placeholder positions (``inputs_embeds``) and runs the text model alone. A prefix KV cache is
+exact for all four families: Idefics' 1-D RoPE positions of the suffix are just offset by the
+prefix length, and Qwen's 3-D M-RoPE positions of a token depend only on the tokens and image
+grids before it, so the suffix's positions are the full prompt's sliced after the prefix
+(:func:`mrope_position_ids`). Generation is the model's own ``generate`` on those embeddings;
+:meth:`HFInterleavedLVLM.generate_reference` runs it on raw pixels, and the two agree.
 
-* vision features once per distinct image (LRU :class:`~leverlm.lvlm.base.FeatureCache`),
-  written into the token embeddings at the placeholder positions (``inputs_embeds``);
-* only the text model runs per batch; ``lm_head`` only at answer positions; right padding;
-* the shared prefix (instruction + ICDs before the new one, ``order=right``) is encoded once and
-  its KV cache expanded over the batch. This is exact for all four families: Idefics' 1-D RoPE
-  positions of the suffix are just offset by the prefix length, and Qwen's 3-D M-RoPE positions
-  of a token depend only on the tokens and image grids before it, so the suffix's positions
-  are the full prompt's positions sliced after the prefix (:func:`mrope_position_ids`).
-
-Generation (:meth:`HFInterleavedLVLM.generate`) is the model's own ``generate`` with the cached
-features written into ``inputs_embeds``; :meth:`HFInterleavedLVLM.generate_reference` runs it
-on raw pixels, and the two give the same text.
+:func:`load` loads every transformers family, IDEFICS (:mod:`leverlm.lvlm.idefics`) included.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,17 +42,11 @@ from leverlm.lvlm.base import (
     PromptImage,
     PromptItem,
     Sample,
-    ScoreResult,
-    answer_token_logprobs,
-    check_checkpoint_dir,
-    expand_kv_cache,
+    Span,
     is_local_path,
-    kv_cache_tensors,
-    pad_left,
-    pad_right,
     resolve_dtype,
-    span_mask,
 )
+from leverlm.lvlm.idefics import IdeficsLVLM
 from leverlm.tasks import Task
 
 
@@ -143,11 +129,11 @@ def mrope_position_ids(
 
 
 class HFInterleavedLVLM(LVLM):
-    """Shared machinery of the placeholder-token families (see the module docstring).
+    """Shared pieces of the placeholder-token families (see the module docstring).
 
-    Subclasses define the image layout (:meth:`_layout`, :meth:`_layout_ids`), the processor
-    inputs of raw images (:meth:`_pixel_inputs`), vision features of new images
-    (:meth:`_compute_features`) and position ids (:meth:`_position_ids`).
+    Subclasses define the image layout (:meth:`layout`, :meth:`_layout_ids`), the processor
+    inputs of raw images (:meth:`_pixel_inputs`), :meth:`vision_features` and, for M-RoPE,
+    :meth:`position_ids`.
     """
 
     #: the image token the model overwrites with vision features.
@@ -161,22 +147,14 @@ class HFInterleavedLVLM(LVLM):
         processor: Any,
         task: Task,
         *,
-        device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "float32",
-        image_cache_size: int = 4096,
         template: PromptTemplate | dict[str, str] | None = None,
-        vision_batch_size: int = 16,
-        prefix_cache_size: int = 4,
-        layout_cache_size: int = 65536,
+        **kwargs: Any,
     ) -> None:
         """Wrap a loaded model + processor (see :func:`load`).
 
         Args:
             template: text around images (:class:`PromptTemplate` or its fields as a dict).
-            vision_batch_size: images per vision-tower forward when filling the feature cache.
-            prefix_cache_size: shared-prefix KV caches kept (LRU) across ``score_with_prefix``
-                calls (a beam step scores its candidates in several batches).
-            layout_cache_size: images whose placeholder layout (token count) is remembered.
+            kwargs: :class:`~leverlm.lvlm.base.LVLM` options (device, dtype, caches, ...).
         """
         config = model.config
         text_config = config.get_text_config()
@@ -185,10 +163,8 @@ class HFInterleavedLVLM(LVLM):
             processor.tokenizer,
             task,
             processor=processor,
-            device=device,
-            dtype=dtype,
             max_length=int(getattr(text_config, "max_position_embeddings", 0) or 0) or None,
-            image_cache_size=image_cache_size,
+            **kwargs,
         )
         self.config = config
         self.text_config = text_config
@@ -203,13 +179,6 @@ class HFInterleavedLVLM(LVLM):
                 f"({self.tokenizer.convert_tokens_to_ids(self.image_token)}) differs from the "
                 f"model config's image_token_id ({self.image_token_id})"
             )
-        if vision_batch_size < 1:
-            raise LVLMError(f"vision_batch_size must be >= 1, got {vision_batch_size}")
-        self.vision_batch_size = vision_batch_size
-        self._prefix_cache: OrderedDict[tuple, list] = OrderedDict()
-        self._prefix_cache_size = prefix_cache_size
-        self._layouts: OrderedDict[tuple, Any] = OrderedDict()
-        self._layout_cache_size = layout_cache_size
         self.bad_words_ids = [
             [i]
             for t in self.banned_tokens
@@ -218,10 +187,6 @@ class HFInterleavedLVLM(LVLM):
         ]
 
     # -- family hooks -----------------------------------------------------------------------
-    def _layout(self, image: PromptImage) -> Any:
-        """What the placeholder run of ``image`` depends on (tiles, grid); hashable."""
-        return None
-
     def _layout_ids(self, layout: Any) -> list[int]:
         """Placeholder token ids of an image with this layout."""
         raise NotImplementedError
@@ -230,21 +195,22 @@ class HFInterleavedLVLM(LVLM):
         """Model keyword arguments holding the raw pixels of each row's images (on device)."""
         raise NotImplementedError
 
-    def _compute_features(self, images: list[PromptImage]) -> list[torch.Tensor]:
-        """``[tokens, hidden]`` vision features of each image, as the LM consumes them."""
-        raise NotImplementedError
+    def _extra_inputs(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Further token-aligned model inputs (Qwen: ``mm_token_type_ids``)."""
+        return {}
 
-    def _position_ids(
-        self, encs: Sequence[EncodedPrompt], width: int, start: int = 0
-    ) -> torch.Tensor:
-        """Position ids of right-padded prompts, tokens ``start:start+width`` of each."""
-        pos = start + torch.arange(width, device=self.device)
-        return pos[None].expand(len(encs), -1)
+    def _image_meta(self, rows: Sequence[Sequence[PromptImage]]) -> dict[str, torch.Tensor]:
+        """Non-pixel image inputs the model needs beside ``inputs_embeds`` (Qwen: grids)."""
+        return {}
 
     @property
     def text_model(self) -> torch.nn.Module:
         """The decoder stack (embeddings, layers, final norm) without the LM head."""
         raise NotImplementedError
+
+    @property
+    def kv_config(self) -> Any:
+        return self.text_config
 
     # -- prompt -----------------------------------------------------------------------------
     def bos_text(self) -> str:
@@ -267,25 +233,9 @@ class HFInterleavedLVLM(LVLM):
         return [self.template.query_prefix, items[0], self._after_image(items[1])]
 
     def image_ids(self, image: PromptImage) -> list[int]:
-        """Placeholder ids of ``image`` (its layout is computed once per distinct image)."""
-        ident = image.ident
-        layout = self._layouts.get(ident, ...)
-        if layout is ...:
-            layout = self._layout(image)
-            self._layouts[ident] = layout
-            if len(self._layouts) > self._layout_cache_size:
-                self._layouts.popitem(last=False)
-        else:
-            self._layouts.move_to_end(ident)
-        return self._layout_ids(layout)
+        return self._layout_ids(self.cached_layout(image))
 
-    # -- vision features --------------------------------------------------------------------
-    def _features_batched(self, images: list[PromptImage]) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = []
-        for start in range(0, len(images), self.vision_batch_size):
-            out += self._compute_features(images[start : start + self.vision_batch_size])
-        return out
-
+    # -- forward pieces ---------------------------------------------------------------------
     def _embed(
         self, ids: torch.Tensor, rows: Sequence[Sequence[PromptImage]], keys: Sequence[str]
     ) -> torch.Tensor:
@@ -294,7 +244,7 @@ class HFInterleavedLVLM(LVLM):
         flat = [im for row in rows for im in row]
         if not flat:
             return embeds
-        feats = torch.cat(self.feature_cache.get(flat, self._features_batched), dim=0)
+        feats = torch.cat(self.image_features(flat), dim=0)
         mask = ids == self.image_token_id
         n_tokens = int(mask.sum())
         if n_tokens != feats.shape[0]:
@@ -306,7 +256,15 @@ class HFInterleavedLVLM(LVLM):
         embeds[mask] = feats.to(embeds.dtype)
         return embeds
 
-    # -- reference --------------------------------------------------------------------------
+    def hidden_states(self, span: Span) -> torch.Tensor:
+        return self.text_model(
+            inputs_embeds=self._embed(span.ids, span.images, span.keys),
+            attention_mask=span.attention_mask,
+            position_ids=span.position_ids,
+            cache=span.cache,
+            use_cache=span.cache is not None,
+        ).last_hidden_state
+
     def reference_logits(self, enc: EncodedPrompt) -> torch.Tensor:
         """The model's plain forward of one prompt on raw pixels: full logits ``[T, V]``."""
         ids = torch.tensor([enc.input_ids], device=self.device)
@@ -319,142 +277,26 @@ class HFInterleavedLVLM(LVLM):
         )
         return out.logits[0]
 
-    def _extra_inputs(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Further token-aligned model inputs (Qwen: ``mm_token_type_ids``)."""
-        return {}
-
-    # -- fast scoring -----------------------------------------------------------------------
-    def _hidden(
-        self,
-        ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        rows: Sequence[Sequence[PromptImage]],
-        keys: Sequence[str],
-        cache: Any = None,
-    ) -> torch.Tensor:
-        embeds = self._embed(ids, rows, keys)
-        return self.text_model(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=cache is not None,
-        ).last_hidden_state
-
-    def score(self, icd_seqs: Sequence[Sequence[Sample]], queries: Sequence[Sample]) -> ScoreResult:
-        """Answer log-likelihoods, fast path: cached vision features, answer-only logits."""
-        encs = self.encode_pairs(icd_seqs, queries)
-        if not encs:
-            return ScoreResult.cat([])
-        with torch.inference_mode(), self.autocast():
-            return self._score_encoded(encs)
-
-    def _score_encoded(self, encs: Sequence[EncodedPrompt]) -> ScoreResult:
-        ids, attn = pad_right([e.input_ids for e in encs], self.tok.pad_id, self.device)
-        hidden = self._hidden(
-            ids,
-            attn,
-            self._position_ids(encs, ids.shape[1]),
-            [e.images for e in encs],
-            [e.query_key for e in encs],
-        )
-        starts = torch.tensor([e.answer_start for e in encs], device=self.device)
-        answer_mask = span_mask(starts, attn.sum(-1), ids.shape[1])
-        lp = answer_token_logprobs(hidden, ids, answer_mask, self.model.get_output_embeddings())
-        return ScoreResult.from_token_logprobs(lp, answer_mask).to("cpu")
-
-    def score_with_prefix(
-        self,
-        prefix_icds: Sequence[Sample],
-        suffix_icd_seqs: Sequence[Sequence[Sample]],
-        queries: Sequence[Sample],
-    ) -> ScoreResult:
-        """Score ``prefix_icds + suffix`` per row; instruction + prefix ICDs are encoded once."""
-        if len(suffix_icd_seqs) != len(queries):
-            raise LVLMError(
-                f"got {len(suffix_icd_seqs)} suffix ICD sequences but {len(queries)} queries"
-            )
-        if not prefix_icds:
-            return self.score(suffix_icd_seqs, queries)
-        encs = []
-        for suffix, query in zip(suffix_icd_seqs, queries, strict=True):
-            prompt = self.build_prompt(list(prefix_icds) + list(suffix), query)
-            enc = self.encode(prompt, split_image=len(prefix_icds))
-            if enc.num_answer_tokens == 0:
-                raise LVLMError(f"query {enc.query_key!r} has an answer with no tokens")
-            self.check_length(enc)
-            encs.append(enc)
-        if not encs:
-            return ScoreResult.cat([])
-        p, k = encs[0].prefix_len, encs[0].prefix_images
-        prefix_ids = encs[0].input_ids[:p]
-        with torch.inference_mode(), self.autocast():
-            if p == 0 or any(e.prefix_len != p or e.input_ids[:p] != prefix_ids for e in encs):
-                # No token-aligned shared prefix (a template that merges across it).
-                return self._score_encoded(encs)
-            prefix_kv = self._encode_prefix(encs[0], p, k)
-            return self._score_suffixes(encs, p, k, prefix_kv)
-
-    def _encode_prefix(self, enc: EncodedPrompt, p: int, k: int) -> list:
-        """KV cache of tokens ``:p`` (holding the first ``k`` images), LRU-cached across calls."""
-        images = enc.images[:k]
-        key = (tuple(enc.input_ids[:p]), tuple(im.ident for im in images))
-        hit = self._prefix_cache.get(key)
-        if hit is not None:
-            self._prefix_cache.move_to_end(key)
-            return hit
-        from transformers import DynamicCache
-
-        ids = torch.tensor([enc.input_ids[:p]], device=self.device)
-        cache = DynamicCache(config=self.text_config)
-        # Positions of the prefix tokens are those of the full prompt (prefix-only for Qwen).
-        self._hidden(
-            ids,
-            torch.ones_like(ids),
-            self._position_ids([enc], p),
-            [images],
-            [enc.query_key],
-            cache=cache,
-        )
-        kv = kv_cache_tensors(cache)
-        self._prefix_cache[key] = kv
-        if len(self._prefix_cache) > self._prefix_cache_size:
-            self._prefix_cache.popitem(last=False)
-        return kv
-
-    def _score_suffixes(
-        self, encs: Sequence[EncodedPrompt], p: int, k: int, prefix_kv: list
-    ) -> ScoreResult:
-        b = len(encs)
-        ids, attn = pad_right([e.input_ids[p:] for e in encs], self.tok.pad_id, self.device)
-        hidden = self._hidden(
-            ids,
-            torch.cat([attn.new_ones(b, p), attn], dim=1),
-            self._position_ids(encs, ids.shape[1], start=p),
-            [e.images[k:] for e in encs],
-            [e.query_key for e in encs],
-            cache=expand_kv_cache(prefix_kv, b, self.text_config),
-        )
-        starts = torch.tensor([e.answer_start - p for e in encs], device=self.device)
-        answer_mask = span_mask(starts, attn.sum(-1), ids.shape[1])
-        lp = answer_token_logprobs(hidden, ids, answer_mask, self.model.get_output_embeddings())
-        return ScoreResult.from_token_logprobs(lp, answer_mask).to("cpu")
-
     # -- generation -------------------------------------------------------------------------
-    def generate(
-        self,
-        icd_seqs: Sequence[Sequence[Sample]],
-        queries: Sequence[Sample],
-        **generation_kwargs: Any,
-    ) -> list[str]:
-        """Batched ``model.generate`` (left padding, the task's settings), post-processed.
+    def generation_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        kw = super().generation_kwargs(**overrides)
+        if self.bad_words_ids and "bad_words_ids" not in kw:
+            kw["bad_words_ids"] = self.bad_words_ids
+        return kw
 
-        The prompt enters as ``inputs_embeds`` with the cached vision features in place (the
-        ids go along for the model's bookkeeping, e.g. Qwen's M-RoPE positions), so images
-        shared across calls are encoded once. Equal to :meth:`generate_reference`.
-        """
-        return self._generate(icd_seqs, queries, False, generation_kwargs)
+    def generate_inputs(
+        self, ids: torch.Tensor, encs: Sequence[EncodedPrompt], reference: bool = False
+    ) -> dict[str, Any]:
+        """The prompt as ``inputs_embeds`` with the cached features in place (the ids go along
+        for the model's bookkeeping, e.g. Qwen's M-RoPE positions); raw pixels for the
+        reference."""
+        rows = [e.images for e in encs]
+        if reference:
+            inputs = self._pixel_inputs(rows)
+        else:
+            embeds = self._embed(ids, rows, [e.query_key for e in encs])
+            inputs = {"inputs_embeds": embeds, **self._image_meta(rows)}
+        return {**inputs, **self._extra_inputs(ids)}
 
     def generate_reference(
         self,
@@ -462,48 +304,10 @@ class HFInterleavedLVLM(LVLM):
         queries: Sequence[Sample],
         **generation_kwargs: Any,
     ) -> list[str]:
-        """The straightforward path: ``model.generate`` on ids + raw pixels, as documented."""
-        return self._generate(icd_seqs, queries, True, generation_kwargs)
-
-    def _generate(
-        self,
-        icd_seqs: Sequence[Sequence[Sample]],
-        queries: Sequence[Sample],
-        reference: bool,
-        generation_kwargs: dict[str, Any],
-    ) -> list[str]:
-        kw = self.generation_kwargs(**generation_kwargs)
-        encs = self.encode_pairs(
-            icd_seqs, queries, with_answer=False, extra_tokens=int(kw["max_new_tokens"])
+        """``model.generate`` on ids + raw pixels, as documented; equals :meth:`generate`."""
+        return self.decode(
+            self.generate_ids(icd_seqs, queries, reference=True, **generation_kwargs)
         )
-        if not encs:
-            return []
-        ids, attn = pad_left([e.input_ids for e in encs], self.tok.pad_id, self.device)
-        rows = [e.images for e in encs]
-        if self.bad_words_ids and "bad_words_ids" not in kw:
-            kw["bad_words_ids"] = self.bad_words_ids
-        with torch.inference_mode(), self.autocast():
-            if reference:
-                inputs = self._pixel_inputs(rows)
-            else:
-                embeds = self._embed(ids, rows, [e.query_key for e in encs])
-                inputs = {"inputs_embeds": embeds, **self._image_meta(rows)}
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=attn,
-                pad_token_id=self.tok.pad_id,
-                eos_token_id=self.tok.eos_id,
-                do_sample=False,
-                **inputs,
-                **self._extra_inputs(ids),
-                **kw,
-            )
-        texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-        return [self.task.postprocess(t) for t in texts]
-
-    def _image_meta(self, rows: Sequence[Sequence[PromptImage]]) -> dict[str, torch.Tensor]:
-        """Non-pixel image inputs the model needs beside ``inputs_embeds`` (Qwen: grids)."""
-        return {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,7 +341,7 @@ class _IdeficsFamily(HFInterleavedLVLM):
             return {}
         return self._images_tensors(rows)
 
-    def _compute_features(self, images: list[PromptImage]) -> list[torch.Tensor]:
+    def vision_features(self, images: list[PromptImage]) -> list[torch.Tensor]:
         # One image per row: the model drops the all-zero padding tiles and returns each
         # row's tiles' features concatenated in prompt order.
         inputs = self._images_tensors([[im] for im in images])
@@ -584,7 +388,7 @@ class Idefics3LVLM(_IdeficsFamily):
     )
     image_text = FAKE_TOKEN  # every placeholder run ends with it: the next chunk's context
 
-    def _layout(self, image: PromptImage) -> tuple[int, int]:
+    def layout(self, image: PromptImage) -> tuple[int, int]:
         data = self.processor.image_processor([[image.image]], return_row_col_info=True)
         return int(data["rows"][0][0]), int(data["cols"][0][0])
 
@@ -618,7 +422,7 @@ class QwenVLLVLM(HFInterleavedLVLM):
     def text_model(self) -> torch.nn.Module:
         return self.model.model.language_model
 
-    def _layout(self, image: PromptImage) -> tuple[int, int, int]:
+    def layout(self, image: PromptImage) -> tuple[int, int, int]:
         grid = self.processor.image_processor([image.image], return_tensors="pt")["image_grid_thw"]
         t, h, w = (int(x) for x in grid[0])
         return t, h, w
@@ -640,7 +444,7 @@ class QwenVLLVLM(HFInterleavedLVLM):
 
     def _image_meta(self, rows: Sequence[Sequence[PromptImage]]) -> dict[str, torch.Tensor]:
         # With the grids (and mm_token_type_ids) generate computes M-RoPE positions itself.
-        grids = [self._layouts_get(im) for row in rows for im in row]
+        grids = [self.cached_layout(im) for row in rows for im in row]
         if not grids:
             return {}
         return {"image_grid_thw": torch.tensor(grids, dtype=torch.long, device=self.device)}
@@ -649,37 +453,32 @@ class QwenVLLVLM(HFInterleavedLVLM):
         # 1 marks image placeholders: the model derives M-RoPE positions from it.
         return {"mm_token_type_ids": (ids == self.image_token_id).int()}
 
-    def _compute_features(self, images: list[PromptImage]) -> list[torch.Tensor]:
+    def vision_features(self, images: list[PromptImage]) -> list[torch.Tensor]:
         inputs = self._pixel_inputs([images])
         out = self.model.model.get_image_features(
             inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True
         )
         return list(out.pooler_output)
 
-    def _position_ids(
+    def position_ids(
         self, encs: Sequence[EncodedPrompt], width: int, start: int = 0
     ) -> torch.Tensor:
         """``[3, B, width]`` M-RoPE positions of tokens ``start:start+width`` of each prompt."""
         out = torch.zeros(3, len(encs), width, dtype=torch.long)
         for b, enc in enumerate(encs):
-            grids = [self._layouts_get(im) for im in enc.images]
+            grids = [self.cached_layout(im) for im in enc.images]
             pos = mrope_position_ids(enc.input_ids, grids, self.image_token_id, self.merge_size)
             part = pos[:, start : start + width]
             out[:, b, : part.shape[1]] = part
         return out.to(self.device)
-
-    def _layouts_get(self, image: PromptImage) -> tuple[int, int, int]:
-        layout = self._layouts.get(image.ident)
-        if layout is None:  # evicted since encoding: recompute
-            layout = self._layout(image)
-        return layout
 
 
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
 
-_FAMILIES: dict[str, type[HFInterleavedLVLM]] = {
+_FAMILIES: dict[str, type[LVLM]] = {
+    "idefics": IdeficsLVLM,
     "idefics2": Idefics2LVLM,
     "idefics3": Idefics3LVLM,
     "qwen2_vl": QwenVLLVLM,
@@ -694,28 +493,28 @@ def load(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
-    image_cache_size: int = 4096,
     **kwargs: Any,
-) -> HFInterleavedLVLM:
-    """Load an Idefics2/Idefics3/Qwen2-VL/Qwen2.5-VL folder (``from_pretrained``), frozen.
+) -> LVLM:
+    """Load a transformers LVLM (IDEFICS, Idefics2/3, Qwen2(.5)-VL) from a folder or hub id,
+    frozen, on ``device``.
 
     ``AutoModelForImageTextToText`` + ``AutoProcessor``; the folder's ``config.json`` must
-    declare ``model_type``. ``kwargs`` go to the adapter (``template``, ``vision_batch_size``,
-    ``prefix_cache_size``).
+    declare ``model_type``. ``kwargs`` go to the adapter (``template``, cache sizes,
+    ``vision_batch_size``).
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     family = _FAMILIES.get(model_type)
     if family is None:
         raise LVLMError(
-            f"the interleaved HF adapter cannot load model_type {model_type!r}; "
-            f"it handles {', '.join(sorted(_FAMILIES))}"
+            f"the transformers adapters cannot load model_type {model_type!r}; "
+            f"they handle {', '.join(sorted(_FAMILIES))}"
         )
-    if is_local_path(path):
-        check_checkpoint_dir(path)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and not is_local_path(path):
+            raise  # load_lvlm says it: neither a folder nor in the local cache
         raise LVLMError(f"cannot read the model config of {path!r}: {exc}") from exc
     if config.model_type != model_type:
         raise LVLMError(
@@ -729,12 +528,4 @@ def load(
     if attn_implementation:
         model_kw["attn_implementation"] = attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(path, **model_kw).to(device)
-    return family(
-        model,
-        processor,
-        task,
-        device=device,
-        dtype=dtype,
-        image_cache_size=image_cache_size,
-        **kwargs,
-    )
+    return family(model, processor, task, device=device, dtype=dtype, **kwargs)
