@@ -36,7 +36,7 @@ def test_demo_commands_use_the_trained_clip_lvlm_and_feature_stores(tmp_path, mo
     (gt,) = [c for s, c in ran if s == "gt"]
     (ev,) = [c for s, c in ran if s == "eval"]
     for cmd in (gt, ev):
-        assert cmd[cmd.index("--model.path") + 1] == str(lvlm_dir())
+        assert cmd[cmd.index("--model.lvlm.path") + 1] == str(lvlm_dir())
     train_store = d.paths.features(d.paths.train_collection)
     assert gt[gt.index("--data.support_features") + 1] == str(train_store)
     assert ev[ev.index("--data.support_features") + 1] == str(train_store)

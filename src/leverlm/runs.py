@@ -706,8 +706,15 @@ def _keys(items: Iterable[Any]) -> Iterator[Any]:
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
-    """A jsonargparse namespace as plain dicts (what a job's plan and the logger get)."""
-    obj = cfg.as_dict() if hasattr(cfg, "as_dict") else dict(cfg)
+    """A jsonargparse namespace as plain dicts (what a job's plan and the logger get), without
+    the parser's bookkeeping (``config``, the ``__path__`` of included config files)."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if k != "__path__"}
+        return value
+
+    obj = clean(cfg.as_dict() if hasattr(cfg, "as_dict") else dict(cfg))
     obj.pop("config", None)
     return obj
 

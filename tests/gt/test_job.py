@@ -82,10 +82,11 @@ data:
   anchors_per_batch: 1
   num_workers: 0
 model:
-  model_type: idefics
-  path: {lvlm}
+  lvlm:
+    model_type: idefics
+    path: {lvlm}
+    dtype: float32
   task: vqa_idefics
-  dtype: float32
   beam_size: 3
   shots: 2
   order: left
@@ -254,7 +255,7 @@ def no_model_load(monkeypatch):
         (["--model.shots", "0"], "shots=0"),
         (["--data.num_anchors", "25"], "num_anchors=25 exceeds the collection size"),
         (["--data.num_candidates", "24"], "num_candidates=24"),
-        (["--model.path", "/nonexistent/idefics"], "'/nonexistent/idefics' does not exist"),
+        (["--model.lvlm.path", "/nonexistent/idefics"], "'/nonexistent/idefics' does not exist"),
         (["--model.task", "caption"], "is a 'caption' task but collection"),
     ],
 )
@@ -311,6 +312,7 @@ def test_limited_run_keeps_its_parts_and_a_rerun_finishes(world, tmp_path, capsy
 # -- the shipped configs ----------------------------------------------------------------------
 
 EXPERIMENTS = sorted(ROOT.glob("experiments/*/gt_*.yaml"))
+PAPER_EXPERIMENTS = [p for p in EXPERIMENTS if p.parent.name != "easyvqa"]
 PAPER = {
     "data": {"num_anchors": 5000, "sampler": "random", "num_candidates": 64},
     "model": {
@@ -319,7 +321,6 @@ PAPER = {
         "order": "left",
         "ranking": "last",
         "scorer": "infoscore",
-        "dtype": "bf16",
         "candidate_batch_size": 32,
     },
 }
@@ -342,13 +343,14 @@ def test_experiment_configs_pin_the_paper_settings(capsys):
         "vqav2/gt_idefics.yaml",
         "vqav2/gt_openflamingo.yaml",
     }
-    for path in EXPERIMENTS:
+    for path in PAPER_EXPERIMENTS:
         resolved = _print_config(path, capsys)
         for section, values in PAPER.items():
             for key, value in values.items():
                 assert resolved[section][key] == value, (path, section, key)
         task = "caption" if path.parent.name == "coco" else "vqa"
         assert resolved["model"]["task"].startswith(task), path
+        assert resolved["model"]["lvlm"]["dtype"] == "bf16", path
 
 
 def _collection_for(task: str, path: Path, n: int = 66) -> Path:
@@ -393,14 +395,14 @@ def stand_ins(world):
     )
 
 
-@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("config", PAPER_EXPERIMENTS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_experiment_configs_run_on_tiny_stand_ins(config, stand_ins, tmp_path):
     """Each experiment config runs as shipped, with only paths, device and size overridden."""
     coll = stand_ins.caption if config.parent.name == "coco" else stand_ins.vqa
     lvlm = stand_ins.flamingo if "openflamingo" in config.name else stand_ins.idefics
     out = tmp_path / "out"
     overrides = [
-        *("--data.collection", str(coll), "--model.path", str(lvlm)),
+        *("--data.collection", str(coll), "--model.lvlm.path", str(lvlm)),
         *("--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"),
         *("--trainer.logger", "false", "--data.num_anchors", "1", "--data.num_workers", "0"),
         *("--progress_bar", "false"),
@@ -412,7 +414,7 @@ def test_experiment_configs_run_on_tiny_stand_ins(config, stand_ins, tmp_path):
 
 
 def test_demo_config_runs_with_the_default_logger(world, tmp_path):
-    """conf/gt/easyvqa_tiny.yaml as the demo calls it (the committed demo LVLM on the tiny
+    """experiments/easyvqa/gt_demo.yaml as the demo calls it (the committed demo LVLM on the tiny
     collection), wandb disabled."""
     import numpy as np
 
@@ -424,9 +426,9 @@ def test_demo_config_runs_with_the_default_logger(world, tmp_path):
     # the demo's joint_sim sampler reads the CLIP features
     image, text = (rng.standard_normal((NUM_SAMPLES, 8)) for _ in range(2))
     store = write_store(tmp_path / "store", image, text, world.coll)
-    overrides = ["--data.collection", str(world.coll), "--model.path", str(lvlm_dir())]
+    overrides = ["--data.collection", str(world.coll), "--model.lvlm.path", str(lvlm_dir())]
     overrides += ["--data.support_features", str(store)]
-    cfg = ROOT / "conf" / "gt" / "easyvqa_tiny.yaml"
+    cfg = ROOT / "experiments" / "easyvqa" / "gt_demo.yaml"
     assert _run(cfg, out, *overrides, "--data.num_anchors", "4", "--progress_bar", "false") == 0
     manifest, records = read_gt(out)
     assert len(records) == 4 and manifest["config"]["data"]["num_candidates"] == 16
@@ -555,7 +557,7 @@ def test_a_rerun_whose_inputs_changed_is_refused(world, tmp_path, capsys, change
     shutil.copytree(world.coll, coll)
     shutil.copytree(world.lvlm, lvlm)
     out = tmp_path / "out"
-    args = ["--data.collection", str(coll), "--model.path", str(lvlm)]
+    args = ["--data.collection", str(coll), "--model.lvlm.path", str(lvlm)]
     assert _run(world.cfg, out, *args, "--trainer.limit_predict_batches", "2") == 3
     parts = sorted(p.name for p in (out / "parts").iterdir())
     if changed == "collection":

@@ -25,6 +25,7 @@ from helpers.eval_world import NUM_QUERIES, NUM_SUPPORT, build_world, feature_st
 
 from leverlm.cli import main as cli_main
 from leverlm.icl.job import EvalDataModule, EvalModule
+from leverlm.lvlm import LVLMSpec
 
 # End-to-end runs of a job (subprocesses, DDP, kills): not in `make test-fast`.
 pytestmark = pytest.mark.slow
@@ -38,13 +39,14 @@ RESULT_FILES = ("predictions.jsonl", "manifest.json", "report.md", "report.csv",
 
 
 def _config(w: dict[str, Path], lvlm: Path, model_type: str = "idefics", **model: Any) -> str:
-    model_lines = "".join(f"\n  {k}: {v}" for k, v in model.items())
+    model_lines = "".join(f"\n    {k}: {v}" for k, v in model.items())
     return f"""
 model:
-  model_type: {model_type}
-  path: {lvlm}
+  lvlm:
+    model_type: {model_type}
+    path: {lvlm}
+    dtype: float32{model_lines}
   task: vqa_idefics
-  dtype: float32{model_lines}
 data:
   queries: {w["queries"]}
   supporting_set: {w["support"]}
@@ -244,9 +246,7 @@ def test_prompts_are_the_scorers_prompts_for_the_same_icds(world):
         num_workers=0,
     )
     dm.setup("predict")
-    module = EvalModule(
-        model_type="idefics", path=str(world.lvlm), task="vqa_idefics", dtype="float32"
-    )
+    module = EvalModule(LVLMSpec("idefics", str(world.lvlm)), task="vqa_idefics")
     module.load_lvlm()
     lvlm = module.lvlm
     seen = []
@@ -399,7 +399,7 @@ def test_report_is_logged_to_the_logger(world, tmp_path):
             ["--data.retrievers", "{}", "--data.methods", '["lever_lm"]'],
             "needs a Lever-LM checkpoint",
         ),
-        (["--model.path", "/nonexistent/idefics"], "'/nonexistent/idefics' does not exist"),
+        (["--model.lvlm.path", "/nonexistent/idefics"], "'/nonexistent/idefics' does not exist"),
         (["--data.shots", "[31]"], "shots=31 but the supporting set"),
         (["--model.task", "caption"], "is a 'caption' task but data.queries"),
         (
@@ -504,7 +504,7 @@ def test_dataloader_workers_yield_each_item_once(world):
 
 
 CONFIGS = {
-    "conf/eval/easyvqa_tiny.yaml": None,
+    "experiments/easyvqa/eval_demo.yaml": None,
     "experiments/coco/eval_openflamingo.yaml": "caption",
     "experiments/vqav2/eval_idefics.yaml": "vqa_idefics",
 }
@@ -524,7 +524,7 @@ def test_shipped_configs_parse_with_the_papers_settings(name, capsys):
         assert model["task"] == CONFIGS[name]
         assert data["shots"] == [1, 2, 3, 4, 6, 8]
         assert data["methods"] == ["zero_shot", "random", "siir", "sttr", "sitr", "lever_lm"]
-        assert model["dtype"] == "bf16"
+        assert model["lvlm"]["dtype"] == "bf16"
     assert "checkpoint" in data["retrievers"]["lever_lm"]
 
 
@@ -541,10 +541,10 @@ def test_demo_config_runs_on_tiny_data(world, tmp_path):
         "--data.support_features", str(world.support_store),
         "--data.retrievers.fixed.gt_dir", str(world.gt),
         "--data.retrievers.lever_lm.checkpoint", str(world.ckpt),
-        "--model.path", str(lvlm_dir()), "--data.limit", "3", "--data.shots", "[1, 8]",
+        "--model.lvlm.path", str(lvlm_dir()), "--data.limit", "3", "--data.shots", "[1, 8]",
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
-    assert _run(root / "conf/eval/easyvqa_tiny.yaml", out, *args) == 0
+    assert _run(root / "experiments/easyvqa/eval_demo.yaml", out, *args) == 0
     preds = _predictions(out)
     assert len(preds) == 3 * (1 + 8 * 2)  # zero-shot once, 8 methods x 2 shot counts
     assert json.loads((out / "manifest.json").read_text())["trained_shots"] == 2
@@ -575,3 +575,55 @@ def test_lever_checkpoint_of_another_same_size_supporting_set_is_refused(
     assert _run(world.cfg, tmp_path / "bad", *args) == 2
     err = capsys.readouterr().err
     assert "it was trained on another supporting set" in err and "ffffffffffff" in err
+
+
+PAPER_EVALS = {
+    "experiments/coco/eval_openflamingo.yaml": "caption",
+    "experiments/vqav2/eval_idefics.yaml": "vqa",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_EVALS))
+def test_paper_eval_configs_run_as_written_on_tiny_stand_ins(world, name, tmp_path):
+    """The paper's eval configs as shipped. Overridden: the paths a user supplies (collections,
+    feature stores, Lever-LM checkpoint, LVLM folder, --out) and, to run here in seconds, the
+    device (CPU, 1 process, no logger), the query count and shot counts."""
+    from helpers.collection_data import caption_records
+    from helpers.eval_world import feature_store, lever_checkpoint
+
+    from leverlm.data.collection import write_collection
+    from leverlm.lvlm.tiny import build_tiny
+
+    if PAPER_EVALS[name] == "caption":
+        colls = {
+            split: write_collection(
+                tmp_path / split,
+                caption_records(n, prefix=split),
+                name=split,
+                task="caption",
+                split=split,
+            )  # fmt: skip
+            for split, n in (("train", NUM_SUPPORT), ("val", 6))
+        }
+        stores = {s: feature_store(tmp_path / f"feat-{s}", c, seed=3) for s, c in colls.items()}
+        ckpt = lever_checkpoint(tmp_path / "lever.ckpt", stores["train"], task="caption")
+        lvlm = build_tiny("flamingo", tmp_path / "flamingo", seed=0)
+        paths = (colls["val"], colls["train"], stores["val"], stores["train"])
+    else:
+        ckpt, lvlm = world.ckpt, world.lvlm
+        paths = (world.queries, world.support, world.query_store, world.support_store)
+    args = [
+        *("--data.queries", str(paths[0]), "--data.supporting_set", str(paths[1])),
+        *("--data.query_features", str(paths[2]), "--data.support_features", str(paths[3])),
+        *("--data.retrievers.lever_lm.checkpoint", str(ckpt), "--model.lvlm.path", str(lvlm)),
+        *("--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"),
+        *("--trainer.logger", "false", "--data.num_workers", "0", "--progress_bar", "false"),
+        *("--data.limit", "2", "--data.shots", "[1, 2]", "--log_samples", "0"),
+    ]
+    out = tmp_path / "out"
+    assert _run(ROOT / name, out, *args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["task"] == PAPER_EVALS[name] and manifest["lvlm_config"]["dtype"] == "bf16"
+    assert {p["method"] for p in _predictions(out)} == {
+        "zero_shot", "random", "siir", "sttr", "sitr", "lever_lm"
+    }  # fmt: skip

@@ -194,7 +194,6 @@ def test_conf_lvlm_fragments_are_load_lvlm_arguments(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from leverlm.lvlm.tiny import build_tiny
     from leverlm.tasks import get_task
 
     folder = ROOT / "conf" / "lvlm"
@@ -206,11 +205,10 @@ def test_conf_lvlm_fragments_are_load_lvlm_arguments(tmp_path):
         assert set(cfg) <= params, f"{f.name}: {sorted(set(cfg) - params)}"
         assert cfg["model_type"] in known_model_types(), f.name
         resolve_dtype(cfg["dtype"])
-        get_task(cfg["task"])
-    tiny = OmegaConf.to_container(OmegaConf.load(folder / "idefics-tiny.yaml"))
-    tiny["path"] = build_tiny("idefics", tmp_path / "tiny")
-    assert load_lvlm(**tiny).task.name == "vqa"
-    assert LVLMSpec.from_dict(tiny).check().load().task.name == "vqa"  # fragments are specs
+        spec = LVLMSpec.from_dict(cfg)  # fragments are specs
+        assert spec.model_type == cfg["model_type"]
+    demo = LVLMSpec.from_dict(OmegaConf.to_container(OmegaConf.load(folder / "demo-idefics3.yaml")))
+    assert demo.check().load(get_task("vqa")).task.name == "vqa"
 
 
 def test_lvlm_spec_checks_each_field_and_loads(tmp_path, monkeypatch):
@@ -223,16 +221,18 @@ def test_lvlm_spec_checks_each_field_and_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(leverlm.lvlm.base, "_LOADERS", dict(leverlm.lvlm.base._LOADERS))
     build_tiny("idefics", tmp_path / "tiny")
     monkeypatch.chdir(tmp_path)
-    spec = LVLMSpec("idefics", "tiny", "vqa", kwargs={"vision_batch_size": 2})
+    spec = LVLMSpec("idefics", "tiny", kwargs={"vision_batch_size": 2})
     checked = spec.check()
     assert checked.path == str(tmp_path / "tiny") and checked.kwargs == spec.kwargs
     with pytest.raises(LVLMError, match=r"unknown LVLM setting\(s\) \['pth'\]; known: model_type"):
-        LVLMSpec.from_dict({"model_type": "idefics", "pth": "x", "task": "vqa"})
+        LVLMSpec.from_dict({"model_type": "idefics", "pth": "x"})
     bad = {
         "model_type='gpt5'; known: .*flamingo, idefics": dict(model_type="gpt5"),
         "loader='nocolon' must be 'module:function'": dict(loader="nocolon"),
         "dtype: unknown dtype 'int3'": dict(dtype="int3"),
-        "task: unknown task": dict(task="nope"),
+        "path: checkpoint .* holds a 'idefics' model, not model_type='idefics3'": dict(
+            model_type="idefics3"
+        ),
         "path is empty": dict(path=""),
         "path: checkpoint folder .*missing' does not exist": dict(path="missing"),
         "image_cache_size must be >= 0": dict(image_cache_size=-1),
@@ -240,10 +240,10 @@ def test_lvlm_spec_checks_each_field_and_loads(tmp_path, monkeypatch):
     for message, change in bad.items():
         with pytest.raises(LVLMError, match=message):
             LVLMSpec.from_dict({**vars(spec), **change}).check()
-    lvlm = checked.load(device="cpu")
+    lvlm = checked.load("vqa", device="cpu")
     assert isinstance(lvlm, IdeficsLVLM) and lvlm.vision_batch_size == 2
     assert lvlm.feature_cache.capacity == 4096 and lvlm.task.name == "vqa"
-    custom = LVLMSpec("custom", checked.path, "vqa", loader="leverlm.lvlm.hf_interleaved:load")
+    custom = LVLMSpec("custom", checked.path, loader="leverlm.lvlm.hf_interleaved:load")
     with pytest.raises(LVLMError, match="cannot load model_type 'custom'"):
-        custom.check().load()  # registered first: the loader itself refuses the type
+        custom.check().load("vqa")  # registered first: the loader itself refuses the type
     assert "custom" in known_model_types()

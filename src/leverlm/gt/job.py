@@ -1,6 +1,6 @@
 """``leverlm gt``: ground-truth ICD sequences, a job on the run layer (:mod:`leverlm.runs`).
 
-``leverlm gt predict --config conf/gt/easyvqa_tiny.yaml --out runs/gt/easyvqa`` runs
+``leverlm gt predict --config experiments/easyvqa/gt_demo.yaml --out runs/gt/easyvqa`` runs
 :class:`GtModule` (LVLM + beam search) over :class:`GtDataModule` (anchors of the train
 collection with their candidate sets); each rank's records go to atomic part files, merged into
 a gt dataset (:mod:`leverlm.gt.data`) at the end. ``leverlm gt merge --out DIR`` merges on its
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -34,6 +34,7 @@ from leverlm.gt.beam import (
 )
 from leverlm.gt.data import GtDataError, GtRecord, write_gt
 from leverlm.gt.samplers import SAMPLERS, SamplerError, build_sampler, select_anchors, split_counts
+from leverlm.lvlm.base import LVLMSpec
 from leverlm.runs import Job, RunDir, RunHeader, input_fingerprint, read_jsonl_parts, run_job
 
 log = logging.getLogger("leverlm.gt")
@@ -204,65 +205,48 @@ class GtModule(pl.LightningModule):
     """Beam search over a frozen LVLM for a batch of anchors (``predict_step``).
 
     Args:
-        model_type: the LVLM family (``idefics``, ``flamingo``, ...; see ``leverlm.lvlm``).
-        path: the LVLM checkpoint folder (``from_pretrained``).
-        task: prompt recipe (``vqa``, ``vqa_idefics``, ``caption``).
-        dtype: LVLM precision (paper: ``bf16``).
+        lvlm: which LVLM and how it loads (``conf/lvlm/*.yaml``; paper: bf16).
+        task: prompt recipe (``vqa``, ``vqa_idefics``, ``caption``, ...).
         beam_size / shots: paper 5 / 2.
         order: ``left`` (paper: each new ICD farthest from the query) or ``right``.
         ranking: ``last`` (paper: the last step's score) or ``cumulative``.
         scorer: ``infoscore`` (paper), ``logprob_mean`` / ``logprob_sum`` (the scorer
             module's other metrics) or ``cider_gain`` (captioning).
         candidate_batch_size: candidates scored per LVLM forward (paper: 32).
-        loader: optional ``"module:function"`` LVLM loader registered for ``model_type``
-            (a custom adapter, without editing the registry).
-        lvlm_kwargs: extra keyword arguments for the LVLM loader.
+        cider_tokenizer: ``cider_gain``'s tokenisation: ``python`` (the PTB stand-in, no
+            process per call) or ``ptb`` (Stanford PTB via Java, one process per beam step).
     """
 
     def __init__(
         self,
-        model_type: str = "idefics",
-        path: str = "",
+        lvlm: LVLMSpec,
         task: str = "vqa_idefics",
-        dtype: str = "bf16",
         beam_size: int = 5,
         shots: int = 2,
         order: str = "left",
         ranking: str = "last",
         scorer: str = "infoscore",
         candidate_batch_size: int = 32,
-        loader: str | None = None,
-        lvlm_kwargs: dict[str, Any] | None = None,
+        cider_tokenizer: Literal["python", "ptb"] = "python",
     ) -> None:
         super().__init__()
-        # ``dtype``/``device`` are LightningModule properties: the LVLM's get their own names.
-        self.model_type, self.lvlm_path, self.task, self.lvlm_dtype = model_type, path, task, dtype
+        self.spec, self.task = lvlm, task
         self.beam_size, self.shots, self.order, self.ranking = beam_size, shots, order, ranking
         self.scorer, self.candidate_batch_size = scorer, candidate_batch_size
-        self.loader, self.lvlm_kwargs = loader, dict(lvlm_kwargs or {})
+        self.cider_tokenizer = cider_tokenizer
         self.lvlm: Any = None
 
     def setup(self, stage: str) -> None:
-        if self.lvlm is not None:
-            return
-        from leverlm.lvlm import load_lvlm, register_lvlm
-
-        if self.loader:
-            register_lvlm(self.model_type, self.loader)
-        self.lvlm = load_lvlm(
-            self.model_type,
-            self.lvlm_path,
-            self.task,
-            dtype=self.lvlm_dtype,
-            device=self.device,
-            **self.lvlm_kwargs,
-        )
+        if self.lvlm is None:
+            self.lvlm = self.spec.load(self.task, device=self.device)
 
     def score_fn(
         self, anchor: dict[str, Any], samples: dict[int, Any], candidates: list[int]
     ) -> ScoreFn:
         """The beam-search scorer of one anchor."""
         if self.scorer == "cider_gain":
+            from leverlm.metrics import tokenize_captions
+
             return CiderGainScorer(
                 self.lvlm.generate,
                 anchor,
@@ -270,6 +254,7 @@ class GtModule(pl.LightningModule):
                 candidates,
                 order=self.order,
                 batch_size=self.candidate_batch_size,
+                tokenize=lambda caps: tokenize_captions(caps, self.cider_tokenizer)[0],
             )
         return infoscore_scorer(
             self.lvlm,
@@ -325,13 +310,7 @@ def plan_run(data: dict[str, Any], model: dict[str, Any]) -> RunHeader:
     inputs; loads no model.
     """
     from leverlm.data.collection import CollectionError, read_manifest
-    from leverlm.lvlm.base import (
-        LVLMError,
-        check_checkpoint_dir,
-        is_local_path,
-        known_model_types,
-        resolve_dtype,
-    )
+    from leverlm.lvlm.base import is_local_path
     from leverlm.tasks import TaskError, get_task
 
     data, model = dict(data), dict(model)
@@ -394,19 +373,8 @@ def plan_run(data: dict[str, Any], model: dict[str, Any]) -> RunHeader:
         raise GtConfigError(
             f"model.scorer='cider_gain' needs a caption task, not {model['task']!r}"
         )
-    if not model.get("loader") and model["model_type"] not in known_model_types():
-        raise GtConfigError(
-            f"model.model_type={model['model_type']!r}; known: {', '.join(known_model_types())}"
-        )
-    try:
-        resolve_dtype(model["dtype"])
-        if not model["path"]:
-            raise LVLMError("model.path is empty: give the LVLM checkpoint folder")
-        if is_local_path(model["path"]):
-            check_checkpoint_dir(model["path"])
-            model["path"] = _abspath(model["path"])
-    except LVLMError as err:
-        raise GtConfigError(f"model.path: {err}") from err
+    spec = LVLMSpec.checked(model["lvlm"])
+    model["lvlm"] = spec.to_dict()
 
     for key in ("collection", "support_features"):
         data[key] = _abspath(data.get(key))
@@ -424,11 +392,11 @@ def plan_run(data: dict[str, Any], model: dict[str, Any]) -> RunHeader:
             "num_samples": n,
             "manifest_sha256": _manifest_sha(data["collection"]),
         },
-        "lvlm": {"model_type": model["model_type"], "path": model["path"], "dtype": model["dtype"]},
+        "lvlm": {"model_type": spec.model_type, "path": spec.path, "dtype": spec.dtype},
     }
     inputs = {"collection": input_fingerprint(data["collection"])}
-    if is_local_path(model["path"]):
-        inputs["lvlm"] = input_fingerprint(model["path"])
+    if is_local_path(spec.path):
+        inputs["lvlm"] = input_fingerprint(spec.path)
     if data.get("support_features"):
         inputs["support_features"] = input_fingerprint(data["support_features"])
     return RunHeader("gt", config, inputs, anchors, manifest)

@@ -1,7 +1,7 @@
 """``leverlm eval``: in-context evaluation of ICD retrievers with a frozen LVLM, a job on the
 run layer (:mod:`leverlm.runs`).
 
-``leverlm eval predict --config conf/eval/easyvqa_tiny.yaml --out runs/eval/easyvqa`` evaluates
+``leverlm eval predict --config experiments/easyvqa/eval_demo.yaml --out runs/eval/easyvqa`` evaluates
 every configured method (``zero_shot``, ``random``, ``siir``, ``sttr``, ``sitr``, ``fixed``,
 ``lever_lm``, ``lever_lm_shuffled``, ``oracle``/``from_file`` or any registered retriever) at
 every shot count on the query collection, with ICDs from the supporting set:
@@ -42,6 +42,7 @@ import torch
 import leverlm.icl.lever_retriever  # noqa: F401 - registers lever_lm, lever_lm_shuffled, from_file
 from leverlm.errors import LeverError
 from leverlm.icl.retrievers import RETRIEVERS, Retriever, RetrieverError, available_retrievers
+from leverlm.lvlm.base import LVLMSpec
 from leverlm.report import Prediction, ReportError, read_predictions
 from leverlm.runs import Job, RunDir, RunHeader, input_fingerprint, run_job
 from leverlm.utils import atomic_open, atomic_write_json, read_jsonl, sha256_file
@@ -653,49 +654,23 @@ class EvalModule(pl.LightningModule):
     """Batched in-context generation with a frozen LVLM (``predict_step`` = one work item).
 
     Args:
-        model_type: the LVLM family (``idefics``, ``flamingo``, ...; see ``leverlm.lvlm``).
-        path: the LVLM checkpoint folder (``from_pretrained``) or hub id (offline cache).
-        task: prompt recipe (``vqa``, ``vqa_idefics``, ``caption``).
-        dtype: LVLM precision (paper: ``bf16``).
+        lvlm: which LVLM and how it loads (``conf/lvlm/*.yaml``; paper: bf16).
+        task: prompt recipe (``vqa``, ``vqa_idefics``, ``caption``, ...).
         generation: overrides of the task's generation arguments (``max_new_tokens``,
             ``num_beams``, ``length_penalty``; paper: VQA 5 / 3 / 0, captions 20 / 3).
-        loader: optional ``"module:function"`` LVLM loader registered for ``model_type``.
-        lvlm_kwargs: extra keyword arguments for the LVLM loader.
     """
 
     def __init__(
-        self,
-        model_type: str = "idefics",
-        path: str = "",
-        task: str = "vqa_idefics",
-        dtype: str = "bf16",
-        generation: dict[str, Any] | None = None,
-        loader: str | None = None,
-        lvlm_kwargs: dict[str, Any] | None = None,
+        self, lvlm: LVLMSpec, task: str = "vqa_idefics", generation: dict[str, Any] | None = None
     ) -> None:
         super().__init__()
-        # ``dtype``/``device`` are LightningModule properties: the LVLM's get their own names.
-        self.model_type, self.lvlm_path, self.task, self.lvlm_dtype = model_type, path, task, dtype
-        self.generation = dict(generation or {})
-        self.loader, self.lvlm_kwargs = loader, dict(lvlm_kwargs or {})
+        self.spec, self.task, self.generation = lvlm, task, dict(generation or {})
         self.lvlm: Any = None
 
     def load_lvlm(self) -> None:
         """Load the LVLM once, on this rank's device (only when there is work to do)."""
-        if self.lvlm is not None:
-            return
-        from leverlm.lvlm import load_lvlm, register_lvlm
-
-        if self.loader:
-            register_lvlm(self.model_type, self.loader)
-        self.lvlm = load_lvlm(
-            self.model_type,
-            self.lvlm_path,
-            self.task,
-            dtype=self.lvlm_dtype,
-            device=self.device,
-            **self.lvlm_kwargs,
-        )
+        if self.lvlm is None:
+            self.lvlm = self.spec.load(self.task, device=self.device)
 
     def predict_item(self, item: dict[str, Any]) -> list[EvalPrediction]:
         """Generate for one work item; returns its predictions in query order."""
@@ -901,11 +876,7 @@ def plan_eval(
     LVLM.
     """
     from leverlm.lvlm.base import (
-        LVLMError,
-        check_checkpoint_dir,
         is_local_path,
-        known_model_types,
-        resolve_dtype,
     )
     from leverlm.tasks import TaskError, get_task
 
@@ -973,22 +944,11 @@ def plan_eval(
             if trained_shots is None and spec.method == "lever_lm":
                 trained_shots = recorded
 
-    if not model.get("loader") and model["model_type"] not in known_model_types():
-        raise EvalConfigError(
-            f"model.model_type={model['model_type']!r}; known: {', '.join(known_model_types())}"
-        )
     generation = model.get("generation") or {}
     if not isinstance(generation, dict):
         raise EvalConfigError(f"model.generation must be a mapping, got {generation!r}")
-    try:
-        resolve_dtype(model["dtype"])
-        if not model["path"]:
-            raise LVLMError("model.path is empty: give the LVLM checkpoint folder")
-        if is_local_path(model["path"]):
-            check_checkpoint_dir(model["path"])
-            model["path"] = _abspath(model["path"])
-    except LVLMError as err:
-        raise EvalConfigError(f"model.path: {err}") from err
+    spec = LVLMSpec.checked(model["lvlm"])
+    model["lvlm"] = spec.to_dict()
 
     # Only what determines the predictions: no worker counts.
     result_data = {k: v for k, v in data.items() if k != "num_workers"}
@@ -1008,11 +968,11 @@ def plan_eval(
         "task": task.name,
         "task_config": model["task"],
         "metric": task.metric,
-        "lvlm": lvlm_id(model["model_type"], model["path"]),
+        "lvlm": lvlm_id(spec.model_type, spec.path),
         "lvlm_config": {
-            "model_type": model["model_type"],
-            "path": model["path"],
-            "dtype": model["dtype"],
+            "model_type": spec.model_type,
+            "path": spec.path,
+            "dtype": spec.dtype,
             "generation": task.generation_kwargs | generation,
         },
         "methods": methods,
@@ -1025,8 +985,8 @@ def plan_eval(
     }
     inputs = {"queries": input_fingerprint(queries["path"])}
     inputs["supporting_set"] = input_fingerprint(support["path"])
-    if is_local_path(model["path"]):
-        inputs["lvlm"] = input_fingerprint(model["path"])
+    if is_local_path(spec.path):
+        inputs["lvlm"] = input_fingerprint(spec.path)
     for key in ("support_features", "query_features"):
         if data.get(key):
             inputs[key] = input_fingerprint(data[key])

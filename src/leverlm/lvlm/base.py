@@ -204,21 +204,19 @@ def load_lvlm(
 
 @dataclass(frozen=True)
 class LVLMSpec:
-    """Which LVLM a job uses and how it is loaded: the settings shared by the gt and eval jobs.
+    """Which LVLM a job uses and how it is loaded (the ``model.lvlm`` section of the gt and eval
+    jobs; ``conf/lvlm/*.yaml`` are such specs). The task is the job's, given to :meth:`load`.
 
     Args:
         model_type: one of :func:`known_model_types` (or any name when ``loader`` is given).
         path: checkpoint folder or hub id.
-        task: task name (:func:`leverlm.tasks.get_task`).
         loader: ``"module:function"`` registered for ``model_type`` before loading.
         kwargs: adapter options (``vision_batch_size``, ``template``, cache sizes, ...).
     """
 
     model_type: str
     path: str
-    task: str
     dtype: str = "float32"
-    device: str = "cpu"
     attn_implementation: str | None = None
     image_cache_size: int = 4096
     loader: str | None = None
@@ -233,9 +231,21 @@ class LVLMSpec:
             raise LVLMError(f"unknown LVLM setting(s) {unknown}; known: {', '.join(names)}")
         return cls(**values)
 
+    @classmethod
+    def checked(cls, values: Any, where: str = "model.lvlm") -> LVLMSpec:
+        """A spec from a job's config section, checked; errors start with ``where``."""
+        try:
+            spec = values if isinstance(values, cls) else cls.from_dict(dict(values or {}))
+            return spec.check()
+        except (LVLMError, TypeError) as err:
+            raise LVLMError(f"{where}: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
     def check(self) -> LVLMSpec:
-        """Validate without loading (type, dtype, task, local folder); returns the spec with a
-        local ``path`` made absolute. Errors name the field."""
+        """Validate without loading (type, dtype, the folder and the family it holds); returns
+        the spec with a local ``path`` made absolute. Errors name the field."""
         if not self.loader and self.model_type not in known_model_types():
             raise LVLMError(
                 f"model_type={self.model_type!r}; known: {', '.join(known_model_types())}"
@@ -246,10 +256,6 @@ class LVLMSpec:
             resolve_dtype(self.dtype)
         except LVLMError as err:
             raise LVLMError(f"dtype: {err}") from err
-        try:
-            get_task(self.task)
-        except TaskError as err:
-            raise LVLMError(f"task: {err}") from err
         if self.image_cache_size < 0:
             raise LVLMError(f"image_cache_size must be >= 0, got {self.image_cache_size}")
         if not self.path:
@@ -257,25 +263,48 @@ class LVLMSpec:
         path = str(self.path)
         if is_local_path(path):
             try:
-                path = str(check_checkpoint_dir(path).resolve())
+                folder = check_checkpoint_dir(path).resolve()
             except LVLMError as err:
                 raise LVLMError(f"path: {err}") from err
+            held = _folder_model_type(folder)
+            if (
+                held
+                and not self.loader
+                and held != self.model_type
+                and self.model_type != "flamingo"
+            ):
+                raise LVLMError(
+                    f"path: checkpoint {str(folder)!r} holds a {held!r} model, not "
+                    f"model_type={self.model_type!r}"
+                )
+            path = str(folder)
         return dataclasses.replace(self, path=path)
 
-    def load(self, device: str | torch.device | None = None) -> LVLM:
-        """The frozen adapter (on ``device`` when given, else on the spec's device)."""
+    def load(self, task: Task | str, device: str | torch.device = "cpu") -> LVLM:
+        """The frozen adapter for ``task`` on ``device``."""
         if self.loader:
             register_lvlm(self.model_type, self.loader)
         return load_lvlm(
             self.model_type,
             self.path,
-            self.task,
+            task,
             dtype=self.dtype,
-            device=self.device if device is None else device,
+            device=device,
             attn_implementation=self.attn_implementation,
             image_cache_size=self.image_cache_size,
             **self.kwargs,
         )
+
+
+def _folder_model_type(folder: Path) -> str | None:
+    """The ``model_type`` a transformers checkpoint folder declares (None if it declares none)."""
+    import json
+
+    try:
+        value = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
