@@ -19,19 +19,24 @@ NOISE = {
     "torch's LeafSpec deprecation": re.compile(r"LeafSpec"),
     "wandb's anonymous-setting warning": re.compile(r"anonymous"),
     "open_clip's random-init warning": re.compile(r"No pretrained weights loaded"),
+    "Lightning's hardware and seed notes": re.compile(r"GPU available|TPU available|Seed set"),
 }
 
 
-def test_only_the_tips_of_lightnings_logger_are_dropped(caplog) -> None:
+def test_only_the_tips_and_notes_of_lightnings_logger_are_dropped(caplog) -> None:
     quiet_third_party()
     quiet_third_party()  # a second call adds nothing
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     assert log.filters.count(log.filters[-1]) == 1
+    kept = "`Trainer.fit` stopped: `max_epochs=1` reached."
     with caplog.at_level(logging.INFO):
         log.info("💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels](x)")
         log.info("💡 Tip: For seamless cloud logging, try installing [litlogger](x) to enable it")
         log.info("GPU available: False, used: False")
-    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+        log.info("TPU available: False, using: 0 TPU cores")
+        log.info("Seed set to 0")
+        log.info(kept)
+    assert [r.getMessage() for r in caplog.records] == [kept]
 
 
 @pytest.mark.slow

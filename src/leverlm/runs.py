@@ -429,8 +429,7 @@ def make_part_writer(job: Job, run: RunDir, header: RunHeader, overwrite: bool) 
         def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
             self.rank = trainer.global_rank
             if trainer.is_global_zero:
-                status = run.prepare(header, overwrite)
-                job.log.info("output %s (%s)", run.path, status)
+                run.prepare(header, overwrite)
             trainer.strategy.barrier(f"{job.name}-prepare")
             done = job.done(run)
             dm = trainer.datamodule

@@ -134,8 +134,11 @@ def setup_logging() -> None:
         log.propagate = False
 
 
-# Lightning's adverts for its cloud services, logged at INFO by every Trainer.
-_LIGHTNING_TIP = re.compile(r"💡 Tip: .*\[lit(logger|models)\]")
+# Lightning's adverts for its cloud services and its hardware/seed notes, logged at INFO by
+# every Trainer (the jobs log what they run on and where they write themselves).
+_LIGHTNING_TIP = re.compile(
+    r"💡 Tip: .*\[lit(logger|models)\]|(GPU|TPU|HPU) available: |Seed set to \d+$"
+)
 # Raised by wandb because Lightning's WandbLogger always passes the deprecated setting.
 _WANDB_ANONYMOUS = re.compile(
     r"(The anonymous setting|Deprecated setting 'anonymous') has no effect"
@@ -183,9 +186,13 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 def quiet_third_party() -> None:
     """Silence known third-party noise, each by its exact message: Lightning's "💡 Tip" adverts
-    (litlogger, litmodels), torch's ``LeafSpec`` deprecation (raised inside Lightning) and
-    wandb's warning about the ``anonymous`` setting. Imports none of those libraries (wandb is
+    (litlogger, litmodels) and hardware/seed notes, torch's ``LeafSpec`` deprecation (raised
+    inside Lightning), wandb's warning about the ``anonymous`` setting and its start/finish
+    banners (``WANDB_SILENT``), transformers' weight-loading bars (``HF_HUB_DISABLE_PROGRESS_BARS``;
+    both only where the caller did not set them). Imports none of those libraries (wandb is
     fixed when it is first imported); calling it again changes nothing."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings(
         "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning
     )
@@ -194,6 +201,7 @@ def quiet_third_party() -> None:
         "lightning.pytorch.utilities.rank_zero",
         "lightning.fabric.utilities.rank_zero",
         "lightning_utilities.core.rank_zero",
+        "lightning.fabric.utilities.seed",
     ):
         logger = logging.getLogger(name)
         if _not_a_lightning_tip not in logger.filters:
