@@ -272,7 +272,7 @@ class RunDir:
                     shutil.rmtree(target)
                 else:
                     target.unlink(missing_ok=True)
-        self.parts.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
         old = self.header()
         if old is None or old.to_json() != header.to_json():
             atomic_write_json(self.path / HEADER, header.to_json())
