@@ -122,7 +122,8 @@ def test_json_and_csv_contents(tmp_path) -> None:
     expected = expected_vqa(records)
     assert len(data["rows"]) == len(expected)
     for row in data["rows"]:
-        assert set(row) == {"method", "shots", "metric", "value", "n", "regime"}
+        assert set(row) == {"method", "shots", "metric", "value", "std", "trials", "n", "regime"}
+        assert row["std"] is None and row["trials"] == 1  # single-seed methods
         assert row["value"] == pytest.approx(expected[(row["method"], row["shots"])], abs=1e-6)
         assert row["n"] == 12 and row["metric"] == "vqa_accuracy"
         want = "zero" if row["shots"] == 0 else "interp" if row["shots"] <= 2 else "extrap"

@@ -207,7 +207,9 @@ def load_results(results_dir: str | Path) -> EvalResults:
 
 @dataclass(frozen=True)
 class ResultRow:
-    """The metric of one method at one shot count over ``n`` queries."""
+    """The metric of one method at one shot count over ``n`` queries; for a method evaluated
+    over several seeds (``random#0``, ``random#1``, ...), the mean and sample std over its
+    ``trials``."""
 
     method: str
     shots: int
@@ -215,6 +217,8 @@ class ResultRow:
     value: float
     n: int
     regime: str  # "zero" | "interp" | "extrap"
+    std: float | None = None
+    trials: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -222,9 +226,37 @@ class ResultRow:
             "shots": self.shots,
             "metric": self.metric,
             "value": round(self.value, 6),
+            "std": None if self.std is None else round(self.std, 6),
+            "trials": self.trials,
             "n": self.n,
             "regime": self.regime,
         }
+
+
+def trial_base(method: str) -> str:
+    """``random#2`` -> ``random`` (the method a trial belongs to)."""
+    return method.split("#", 1)[0]
+
+
+def combine_trials(rows: Sequence[ResultRow]) -> list[ResultRow]:
+    """One row per (method, shots): a method's trials (``name#t``) become their mean with the
+    sample std (``statistics.stdev``) and the number of trials; other rows are unchanged."""
+    import statistics
+
+    groups: dict[tuple[str, int], list[ResultRow]] = {}
+    for r in rows:
+        groups.setdefault((trial_base(r.method), r.shots), []).append(r)
+    out = []
+    for (method, _), group in groups.items():
+        if len(group) == 1 and group[0].method == method:
+            out.append(group[0])
+            continue
+        values = [r.value for r in group]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(dataclasses.replace(
+            group[0], method=method, value=statistics.fmean(values), std=std, trials=len(group)
+        ))  # fmt: skip
+    return sorted(out, key=lambda r: (_method_rank(r.method), r.shots))
 
 
 def _method_rank(method: str) -> tuple[int, str]:
@@ -289,7 +321,9 @@ def compute_rows(
         ResultRow(m, s, results.metric, values[(m, s)], len(groups[(m, s)]), regime(s, interp))
         for m, s in sorted(groups, key=lambda g: (_method_rank(g[0]), g[1]))
     ]
-    return rows, info
+    if any(r.method != trial_base(r.method) for r in rows):
+        info["trial_rows"] = [r.to_json() for r in rows]
+    return combine_trials(rows), info
 
 
 def _row_dicts(rows: Sequence[ResultRow | Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -312,17 +346,19 @@ def method_averages(rows: Sequence[ResultRow | Mapping[str, Any]]) -> dict[str, 
 
 def _table(
     rows: Sequence[ResultRow], interpolation_max_shots: int
-) -> tuple[list[str], list[list[float | None]], list[str]]:
-    """(column labels, per-method values incl. avg, method names) of the wide table."""
+) -> tuple[list[str], list[list[float | None]], list[str], dict[tuple[str, int], float]]:
+    """(column labels, per-method values incl. avg, method names, std per (method, shots)) of
+    the wide table."""
     shots = sorted({r.shots for r in rows})
     methods = sorted({r.method for r in rows}, key=_method_rank)
     cell = {(r.method, r.shots): r.value for r in rows}
+    stds = {(r.method, r.shots): r.std for r in rows if r.std is not None}
     avgs = method_averages(rows)
     labels = [
         str(s) if s == 0 else f"{s} ({regime(s, interpolation_max_shots)})" for s in shots
     ] + ["avg"]
     values = [[cell.get((m, s)) for s in shots] + [avgs[m]] for m in methods]
-    return labels, values, methods
+    return labels, values, methods, stds
 
 
 def format_markdown(
@@ -336,21 +372,28 @@ def format_markdown(
     naming the metric's definition (``info``: the VQA accuracy variant or CIDEr tokenizer)."""
     if not rows:
         raise ReportError("no result rows to format")
-    labels, values, methods = _table(rows, interpolation_max_shots)
+    labels, values, methods, stds = _table(rows, interpolation_max_shots)
+    shots = sorted({r.shots for r in rows})
     lines = [
         "| method | " + " | ".join(labels) + " |",
         "|---|" + "---:|" * len(labels),
     ]
+    trials = {r.method: r.trials for r in rows}
     for method, vals in zip(methods, values):
         cells = ["-" if v is None else f"{v:.2f}" for v in vals]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        for i, s in enumerate(shots):
+            if (method, s) in stds:
+                cells[i] += f" ± {stds[(method, s)]:.2f}"
+        name = f"{method} ({trials[method]} seeds)" if trials[method] > 1 else method
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     counts = sorted({r.n for r in rows})
     n_text = f"n = {counts[0]}" if len(counts) == 1 else f"n = {counts[0]}-{counts[-1]}"
     metric = metric or rows[0].metric
     lines += [
         "",
         f"{metric_definition(metric, info or {})}; {n_text} queries per cell; "
-        f"interp: 1-{interpolation_max_shots} shots, extrap: more; avg: mean over shots >= 1.",
+        f"interp: 1-{interpolation_max_shots} shots, extrap: more; avg: mean over shots >= 1"
+        + ("; seeded methods: mean ± std over their seeds." if stds else "."),
     ]
     return "\n".join(lines) + "\n"
 
@@ -375,12 +418,16 @@ def format_csv(
     """The same wide table as CSV (4 decimals, empty where not evaluated)."""
     if not rows:
         raise ReportError("no result rows to format")
-    labels, values, methods = _table(rows, interpolation_max_shots)
+    labels, values, methods, stds = _table(rows, interpolation_max_shots)
+    shots = sorted({r.shots for r in rows})
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["method", *labels])
     for method, vals in zip(methods, values):
         writer.writerow([method, *("" if v is None else f"{v:.4f}" for v in vals)])
+        if any((method, s) in stds for s in shots):  # the seeds' std, one row below the mean
+            row = [f"{stds[(method, s)]:.4f}" if (method, s) in stds else "" for s in shots]
+            writer.writerow([f"{method} std", *row, ""])
     return buf.getvalue()
 
 
@@ -407,7 +454,8 @@ def render_plot(
     *,
     title: str | None = None,
 ) -> bytes:
-    """PNG bytes of metric vs shots, one line per method, the extrapolation region shaded.
+    """PNG bytes of metric vs shots: one line per method, a band of ± std for methods evaluated
+    over several seeds, the extrapolation region shaded, the legend beside the axes.
 
     Uses the Agg canvas directly (no pyplot): no global backend switch, no GUI.
     """
@@ -416,17 +464,21 @@ def render_plot(
 
     if not rows:
         raise ReportError("no result rows to plot")
-    fig = Figure(figsize=(6.4, 4.2), dpi=100)
+    fig = Figure(figsize=(8.0, 4.4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     shots = sorted({r.shots for r in rows})
     for method in sorted({r.method for r in rows}, key=_method_rank):
-        points = sorted((r.shots, r.value) for r in rows if r.method == method)
+        points = sorted((r.shots, r.value, r.std or 0.0) for r in rows if r.method == method)
         if len(points) == 1 and points[0][0] == 0:
             # A zero-shot method is one number: draw it as a baseline across the plot.
             ax.axhline(points[0][1], linestyle="--", color="0.4", label=method)
-        else:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+            continue
+        xs, ys, sd = ([p[i] for p in points] for i in range(3))
+        (line,) = ax.plot(xs, ys, marker="o", label=method)
+        if any(sd):
+            low, high = [y - e for y, e in zip(ys, sd)], [y + e for y, e in zip(ys, sd)]
+            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     if shots[-1] > interpolation_max_shots:
         ax.axvspan(
             interpolation_max_shots + 0.5, shots[-1] + 0.5, color="0.92", label="extrapolation"
@@ -435,9 +487,9 @@ def render_plot(
     ax.set_xlabel("shots (ICDs per query)")
     ax.set_ylabel(METRIC_LABELS.get(rows[0].metric, rows[0].metric))
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     buf = io.BytesIO()
     # No "Software" tag with a version in it: the same rows give the same bytes.
@@ -517,10 +569,11 @@ def write_report(
         text = json.dumps(build_report_json(rows, meta), indent=2, sort_keys=True)
         payload["json"] = (text + "\n").encode("utf-8")
     if "png" in fmts:
-        title = " / ".join(
-            str(results.manifest[k]) for k in ("task", "lvlm") if k in results.manifest
-        )
-        payload["png"] = render_plot(rows, interp, title=title or None)
+        parts = [str(results.manifest[k]) for k in ("task_config", "lvlm") if k in results.manifest]
+        if "task_config" not in results.manifest and "task" in results.manifest:
+            parts.insert(0, str(results.manifest["task"]))
+        parts.append(f"n = {meta['num_queries']} queries")
+        payload["png"] = render_plot(rows, interp, title=" / ".join(parts))
     out = Path(out_dir) if out_dir is not None else Path(results_dir)
     paths = {}
     for fmt in fmts:
@@ -641,7 +694,7 @@ def log_report_to_logger(
         metrics.update({f"{prefix}/{m}/avg": v for m, v in averages.items()})
         logger.log_metrics(metrics)
     if hasattr(logger, "log_table"):
-        columns = ["method", "shots", "metric", "value", "n", "regime"]
+        columns = ["method", "shots", "metric", "value", "std", "trials", "n", "regime"]
         logger.log_table(
             key=f"{prefix}/table",
             columns=columns,

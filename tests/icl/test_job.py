@@ -60,6 +60,7 @@ data:
     lever_lm_shuffled: {{seed: 7}}
   limit: {LIMIT}
   seed: 0
+  trials: 1
   batch_size: {BATCH}
   num_workers: 0
 trainer:
@@ -481,6 +482,7 @@ def test_dataloader_workers_yield_each_item_once(world):
         methods=["zero_shot", "random"],
         shots=[1, 2],
         limit=LIMIT,
+        trials=1,
         batch_size=BATCH,
         num_workers=2,
     )
@@ -546,7 +548,8 @@ def test_demo_config_runs_on_tiny_data(world, tmp_path):
     ]  # fmt: skip
     assert _run(root / "experiments/easyvqa/eval_demo.yaml", out, *args) == 0
     preds = _predictions(out)
-    assert len(preds) == 3 * (1 + 8 * 2)  # zero-shot once, 8 methods x 2 shot counts
+    # zero-shot once; 8 methods, random and lever_lm_shuffled over 3 seeds: 12 x 2 shot counts
+    assert len(preds) == 3 * (1 + 12 * 2)
     assert json.loads((out / "manifest.json").read_text())["trained_shots"] == 2
     # scored against the query's own nonce words, as its prompt showed them
     from leverlm.data.collection import Collection
@@ -624,6 +627,40 @@ def test_paper_eval_configs_run_as_written_on_tiny_stand_ins(world, name, tmp_pa
     assert _run(ROOT / name, out, *args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["task"] == PAPER_EVALS[name] and manifest["lvlm_config"]["dtype"] == "bf16"
-    assert {p["method"] for p in _predictions(out)} == {
+    assert {p["method"].split("#")[0] for p in _predictions(out)} == {
         "zero_shot", "random", "siir", "sttr", "sitr", "lever_lm"
     }  # fmt: skip
+
+
+def test_seeded_methods_run_over_trials_and_report_mean_and_std(world, tmp_path):
+    """random and lever_lm_shuffled over 3 seeds: methods name#t with seeds seed + t; the
+    report's row is the mean of the per-seed rows with their sample std."""
+    import statistics
+
+    out = tmp_path / "trials"
+    args = ["--data.trials", "3", "--data.methods", '["random", "lever_lm", "lever_lm_shuffled"]']
+    assert _run(world.cfg, out, *args, "--data.shots", "[1, 2]", "--data.limit", "6") == 0
+    methods = {p["method"] for p in _predictions(out)}
+    assert methods == {"lever_lm", *(f"{m}#{t}" for m in ("random", "lever_lm_shuffled")
+                                     for t in range(3))}  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    per_seed = {(r["method"], r["shots"]): r["value"] for r in report["meta"]["trial_rows"]}
+    for row in report["rows"]:
+        if row["method"] == "lever_lm":
+            assert row["trials"] == 1 and row["std"] is None
+            continue
+        values = [per_seed[(f"{row['method']}#{t}", row["shots"])] for t in range(3)]
+        assert row["trials"] == 3
+        assert row["value"] == pytest.approx(statistics.fmean(values), abs=1e-6)
+        assert row["std"] == pytest.approx(statistics.stdev(values), abs=1e-6)
+    md = (out / "report.md").read_text()
+    assert "| random (3 seeds) |" in md and " ± " in md and "mean ± std over their seeds" in md
+    # the seeds differ: the three random trials picked different ICDs
+    picks = {
+        p["method"]: tuple(p["icd_positions"])
+        for p in _predictions(out)
+        if p["method"].startswith("random#")
+        and p["shots"] == 2
+        and p["query_key"] == p["query_key"]
+    }
+    assert len(set(picks.values())) > 1

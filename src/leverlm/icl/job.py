@@ -66,6 +66,9 @@ ZERO_SHOT = "zero_shot"
 PAPER_METHODS = ("zero_shot", "random", "siir", "sttr", "sitr", "lever_lm")
 PAPER_SHOTS = (1, 2, 3, 4, 6, 8)
 LEVER_RETRIEVERS = ("lever_lm", "lever_lm_shuffled")
+# Retrievers whose picks depend on a seed: evaluated over `data.trials` seeds, reported as mean
+# and std (methods "random#0", "random#1", ...).
+TRIAL_RETRIEVERS = ("random", "lever_lm_shuffled")
 # Retriever arguments the job fills in from what it knows (unless a method's config sets them).
 FEATURE_ARGS = ("support_image", "query_image", "support_text", "query_text")
 # Sample field holding a query's references, per metric.
@@ -243,14 +246,20 @@ _PATH_ARGS = (
 
 
 def resolve_methods(
-    methods: Sequence[str], retrievers: dict[str, Any] | None, num_candidates: int
+    methods: Sequence[str],
+    retrievers: dict[str, Any] | None,
+    num_candidates: int,
+    trials: int = 1,
+    seed: int = 0,
 ) -> list[MethodSpec]:
     """Each method's retriever and arguments from ``data.retrievers`` (checked, paths absolute).
 
     ``data.retrievers.<method>`` holds the method's keyword arguments; ``retriever: NAME`` in
     it picks another registered retriever (e.g. ``oracle: {retriever: from_file, path: ...}``).
     ``lever_lm_shuffled`` starts from ``lever_lm``'s arguments (same ICDs, shuffled), and a
-    ``gt_dir`` given to ``fixed`` becomes its ``sequence`` (:func:`best_gt_sequence`).
+    ``gt_dir`` given to ``fixed`` becomes its ``sequence`` (:func:`best_gt_sequence`). A method
+    of a seeded retriever (:data:`TRIAL_RETRIEVERS`) becomes ``trials`` methods ``name#t`` with
+    seeds ``seed + t`` (its own ``seed`` argument, else the run's).
     """
     from leverlm.icl.lever_retriever import best_gt_sequence
 
@@ -308,7 +317,13 @@ def resolve_methods(
                 f"data.retrievers.{method}: unknown argument(s) {unknown} for retriever "
                 f"{name!r} (accepts: {', '.join(sorted(names))})"
             )
-        specs.append(MethodSpec(method, name, kwargs, source))
+        if name in TRIAL_RETRIEVERS and trials > 1:
+            first = int(kwargs.get("seed", seed))
+            for t in range(trials):
+                trial = MethodSpec(f"{method}#{t}", name, {**kwargs, "seed": first + t}, source)
+                specs.append(trial)
+        else:
+            specs.append(MethodSpec(method, name, kwargs, source))
     return specs
 
 
@@ -460,6 +475,8 @@ class EvalDataModule(pl.LightningDataModule):
             collections, row = position; needed by siir/sttr/sitr and Lever-LM.
         limit: evaluate a seeded random subset of this many queries (null: all).
         seed: picks the subset; default seed of the seeded retrievers (random, fixed, shuffled).
+        trials: seeds of each seeded method (random, lever_lm_shuffled): ``name#0`` ...,
+            reported as mean and std.
         batch_size: queries per generate call.
         num_workers: DataLoader workers decoding query and ICD images.
     """
@@ -476,6 +493,7 @@ class EvalDataModule(pl.LightningDataModule):
         support_features: str | None = None,
         limit: int | None = None,
         seed: int = 0,
+        trials: int = 3,
         batch_size: int = 8,
         num_workers: int = 2,
     ) -> None:
@@ -484,7 +502,7 @@ class EvalDataModule(pl.LightningDataModule):
         self.methods, self.shots = list(methods), sorted(int(s) for s in shots)
         self.retrievers = dict(retrievers or {})
         self.query_features, self.support_features = query_features, support_features
-        self.limit, self.seed = limit, seed
+        self.limit, self.seed, self.trials = limit, seed, trials
         self.batch_size, self.num_workers = batch_size, num_workers
         self.rank, self.world_size = 0, 1
         self.table: dict[tuple[str, int], np.ndarray] | None = None
@@ -492,6 +510,7 @@ class EvalDataModule(pl.LightningDataModule):
         self._keys: list[str] | None = None
         self._done: set[tuple[str, str, int]] = set()
         self._items: list[WorkItem] | None = None
+        self._units: list[tuple[str, int]] | None = None
 
     # -- the run's queries ------------------------------------------------------------------
     @property
@@ -512,9 +531,19 @@ class EvalDataModule(pl.LightningDataModule):
             self._keys = [keys[p] for p in self.query_positions]
         return self._keys
 
+    def specs(self, num_candidates: int) -> list[MethodSpec]:
+        return resolve_methods(
+            self.methods, self.retrievers, num_candidates, self.trials, self.seed
+        )
+
     @property
     def units(self) -> list[tuple[str, int]]:
-        return eval_units(self.methods, self.shots)
+        if self._units is None:
+            from leverlm.data.collection import read_manifest
+
+            n = int(read_manifest(self.supporting_set)["num_samples"])
+            self._units = eval_units([spec.method for spec in self.specs(n)], self.shots)
+        return self._units
 
     def retrieval_queries(self) -> list[dict[str, Any]]:
         """The queries as retrievers see them (key + position; the query itself is excluded
@@ -561,7 +590,7 @@ class EvalDataModule(pl.LightningDataModule):
         """Every method's ICDs for every query and shot count: ``{(method, shots): (Q, shots)}``."""
         ctx = self.retrieval_context(device)
         n = ctx["num_candidates"]
-        specs = resolve_methods(self.methods, self.retrievers, n)
+        specs = self.specs(n)
         retrievers = build_retrievers(specs, ctx)
         queries, keys = self.retrieval_queries(), self.query_keys
         table: dict[tuple[str, int], np.ndarray] = {}
@@ -913,7 +942,12 @@ def plan_eval(
     first = Collection(queries["path"])
     references_of(task, {"__key__": first.keys[positions[0]], **first.fields(positions[0])})
 
-    specs = resolve_methods(methods, data.get("retrievers"), support["num_samples"])
+    trials = data.get("trials", 1)
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise EvalConfigError(f"data.trials must be an int >= 1, got {trials!r}")
+    specs = resolve_methods(
+        methods, data.get("retrievers"), support["num_samples"], trials, int(data.get("seed", 0))
+    )
     stores: dict[str, str] = {}
     for key, coll in (("support_features", support), ("query_features", queries)):
         if data.get(key):
@@ -962,7 +996,7 @@ def plan_eval(
         retrievers={s.method: s.to_json() for s in specs},
     )
     config = {"data": result_data, "model": model, "checksums": checksums}
-    units = eval_units(methods, shots)
+    units = eval_units([spec.method for spec in specs], shots)
     manifest = {
         "format": FORMAT,
         "task": task.name,
