@@ -664,3 +664,23 @@ def test_seeded_methods_run_over_trials_and_report_mean_and_std(world, tmp_path)
         and p["query_key"] == p["query_key"]
     }
     assert len(set(picks.values())) > 1
+
+
+def test_a_rerun_with_another_lvlm_under_the_same_path_is_refused(world, tmp_path, capsys):
+    """12 predictions of one model and 30 of another must never merge into one run."""
+    import shutil
+
+    from leverlm.lvlm.tiny import build_tiny
+
+    lvlm = tmp_path / "lvlm"
+    shutil.copytree(world.lvlm, lvlm)
+    out = tmp_path / "out"
+    args = ["--model.lvlm.path", str(lvlm), "--part_size", "1"]
+    assert _run(world.cfg, out, *args, "--trainer.limit_predict_batches", "2") == 3
+    parts = sorted(p.name for p in (out / "parts").iterdir())
+    shutil.rmtree(lvlm)
+    build_tiny("idefics", lvlm, seed=1)
+    capsys.readouterr()
+    assert _run(world.cfg, out, *args) == 2
+    assert "input 'lvlm' (its content changed)" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "parts").iterdir()) == parts
