@@ -266,6 +266,21 @@ def test_fixed_truncates_and_extends() -> None:
         fixed.retrieve([{"__key__": "a", "position": 0, "exclude_positions": [9]}], 3)
 
 
+def test_random_fixed_is_one_seeded_set_for_every_query() -> None:
+    fixed = build_retriever("random_fixed", num_candidates=50, seed=3)
+    eight = fixed.retrieve(queries(3), 8)
+    assert eight[0] == eight[1] == eight[2] and len(set(eight[0])) == 8
+    four = fixed.retrieve(queries(1), 4)[0]
+    assert eight[0][-4:] == four  # the 8-shot set contains the 4-shot set
+    assert build_retriever("random_fixed", num_candidates=50, seed=3).retrieve(queries(1), 8) == [
+        eight[0]
+    ]
+    other = build_retriever("random_fixed", num_candidates=50, seed=4).retrieve(queries(1), 8)
+    assert other[0] != eight[0]
+    with pytest.raises(RetrieverError, match="sequence is empty and no num_candidates"):
+        FixedRetriever([])
+
+
 def test_shuffled_wrapper(feats) -> None:
     inner = build_retriever("siir", **feats)
     shuf = ShuffledRetriever(inner, seed=11)

@@ -68,7 +68,7 @@ PAPER_SHOTS = (1, 2, 3, 4, 6, 8)
 LEVER_RETRIEVERS = ("lever_lm", "lever_lm_shuffled")
 # Retrievers whose picks depend on a seed: evaluated over `data.trials` seeds, reported as mean
 # and std (methods "random#0", "random#1", ...).
-TRIAL_RETRIEVERS = ("random", "lever_lm_shuffled")
+TRIAL_RETRIEVERS = ("random", "random_fixed", "lever_lm_shuffled")
 # Retriever arguments the job fills in from what it knows (unless a method's config sets them).
 FEATURE_ARGS = ("support_image", "query_image", "support_text", "query_text")
 # Sample field holding a query's references, per metric.

@@ -319,8 +319,8 @@ class FixedRetriever(Retriever):
     def __init__(self, sequence: Sequence[int], num_candidates: int | None = None, seed: int = 0):
         super().__init__(num_candidates)
         seq = [int(p) for p in sequence]
-        if not seq:
-            raise RetrieverError("fixed: sequence is empty")
+        if not seq and num_candidates is None:
+            raise RetrieverError("fixed: sequence is empty and no num_candidates to draw from")
         if len(set(seq)) != len(seq):
             raise RetrieverError(f"fixed: sequence {seq} has repeated positions")
         if num_candidates is not None and not all(0 <= p < num_candidates for p in seq):
@@ -359,6 +359,13 @@ class FixedRetriever(Retriever):
                 )
             out.append(list(seq))
         return out
+
+
+@register_retriever("random_fixed")
+def random_fixed(num_candidates: int, seed: int = 0) -> FixedRetriever:
+    """The authors' fixed random ICD set: one seeded draw of supporting-set positions shown to
+    every query (their ``random_retrieval_fixed``); the 8-shot set contains the 4-shot set."""
+    return FixedRetriever((), num_candidates, seed)
 
 
 @register_retriever("shuffled")
